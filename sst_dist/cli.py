@@ -1,0 +1,50 @@
+"""The single ``sst-dist`` console entry point.
+
+Each subcommand lives in its own module exposing ``register(subparsers)``; modules are imported
+only when their subcommand runs, so a heavy import (DeepSpeed, DALI) never slows ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). The module's register(sub) adds arguments and sets func.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "smoke": ("sst_dist.smoke", "forward/backward smoke run of the SST model on random data"),
+    "train": ("sst_dist.train.cli", "train SST from a run config (DeepSpeed engine)"),
+    "eval": ("sst_dist.train.evaluate_cli", "evaluate a checkpoint on a test split"),
+    "predict": ("sst_dist.train.predict_cli", "print each image's labels and scores as JSON"),
+    "shards": ("data_shards.cli", "convert a dataset to WebDataset shards"),
+    "convert-checkpoint": ("sst_dist.convert", "import a checkpoint of the reference SST code"),
+    "bench": ("sst_dist.bench_cli", "run a benchmark (heads, step, loader, kernels, suite)"),
+    "profile": ("sst_dist.profile", "throughput profile of a run config"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sst-dist", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)
+            continue
+        mod = importlib.import_module(module)
+        mod.register(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in SUBCOMMANDS else "__none__")
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
