@@ -91,6 +91,7 @@ def read_info(shard_dir: str | Path, split: str, num_classes: int | None = None)
             f"{path}: dataset has {len(info['classes'])} classes but the config says {num_classes}"
         )
     for shard in info["shards"]:
-        if not (Path(shard_dir) / shard["name"]).exists():
-            raise FileNotFoundError(f"{path} lists shard {shard['name']} but {Path(shard_dir) / shard['name']} is missing")
+        shard_path = Path(shard_dir) / shard["name"]
+        if not shard_path.exists():
+            raise FileNotFoundError(f"{path} lists shard {shard['name']} but {shard_path} is missing")
     return info

@@ -1,4 +1,4 @@
-"""The single ``sst-dist`` console entry point.
+"""sst-dist: train, evaluate and profile SST partial-label models; convert datasets to shards.
 
 Each subcommand lives in its own module exposing ``register(subparsers)``; modules are imported
 only when their subcommand runs, so a heavy import (DeepSpeed, DALI) never slows ``--help``.
@@ -24,7 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sst-dist", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sst-dist", description=__doc__.splitlines()[0].split(": ", 1)[1])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         if only is not None and name != only:
