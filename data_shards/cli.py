@@ -1,0 +1,140 @@
+"""``sst-dist shards ...``: convert COCO / VOC / list / JSONL / synthetic data to shards, verify them.
+
+Each converter writes one split per call (the synthetic one writes train and test), into
+``--out``. Readers import lazily so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _common(p: argparse.ArgumentParser, name: str, split_required: bool = True) -> None:
+    p.add_argument("--out", required=True, type=Path, help="shard directory to write into")
+    p.add_argument("--name", default=name, help=f"dataset name in the shard file names (default {name})")
+    if split_required:
+        p.add_argument("--split", required=True, help="split name in the shard file names, e.g. train, test")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image reading/encoding processes (0: in the main process)")
+    p.add_argument("--shard-bytes", type=float, default=1e9, help="target shard size in bytes (default 1e9)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing shards of this name/split")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _convert(split_data, args: argparse.Namespace, split: str) -> int:
+    from data_shards.convert import convert_labeled
+
+    info = convert_labeled(split_data, args.out, args.name, split, num_workers=args.workers,
+                           shard_bytes=args.shard_bytes, overwrite=args.overwrite,
+                           progress=not args.no_progress)
+    print(f"{args.name}/{split}: {info['num_samples']} samples, {len(info['classes'])} classes, "
+          f"{len(info['shards'])} shard(s) in {args.out}")
+    return 0
+
+
+def _run_coco(args: argparse.Namespace) -> int:
+    from data_shards.coco import read_coco
+
+    return _convert(read_coco(args.annotations, args.images), args, args.split)
+
+
+def _run_voc(args: argparse.Namespace) -> int:
+    from data_shards.voc import read_voc
+
+    out_split = args.out_split or ("train" if args.split == "trainval" else args.split)
+    return _convert(read_voc(args.root, args.split), args, out_split)
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    from data_shards.listfmt import read_list
+
+    data = read_list(args.image_list, args.labels_json, args.images, args.classes, args.num_classes)
+    return _convert(data, args, args.split)
+
+
+def _run_jsonl(args: argparse.Namespace) -> int:
+    from data_shards.jsonl import read_jsonl
+
+    return _convert(read_jsonl(args.jsonl, args.classes, args.images), args, args.split)
+
+
+def _run_synthetic(args: argparse.Namespace) -> int:
+    from data_shards.coco import read_coco
+    from data_shards.synthetic import generate_scenes
+
+    raw = args.raw_dir or (args.out / "raw-synthetic")
+    paths = generate_scenes(raw, args.n_train, args.n_test, num_classes=args.num_classes,
+                            image_size=args.image_size, seed=args.seed, num_scenes=args.scenes,
+                            num_workers=args.workers)
+    for split, (ann, image_dir) in paths.items():
+        if (args.n_train, args.n_test)[split == "test"] == 0:
+            continue
+        _convert(read_coco(ann, image_dir), args, split)
+    return 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from data_shards.writer import verify_shards
+
+    problems = verify_shards(args.shard_dir, args.split)
+    for line in problems:
+        print(f"FAIL {line}", file=sys.stderr)
+    if not problems:
+        print(f"OK: every shard in {args.shard_dir} matches its _info.json sha256 and size")
+    return 1 if problems else 0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    """Add the ``shards`` sub-subcommands to the ``shards`` parser."""
+    sub = parser.add_subparsers(dest="shards_command", metavar="FORMAT", required=True)
+
+    p = sub.add_parser("coco", help="COCO instances JSON (pycocotools order, classes by category id)")
+    p.add_argument("--annotations", required=True, type=Path, help="instances_*.json")
+    p.add_argument("--images", required=True, type=Path, help="directory of the split's images")
+    _common(p, "coco")
+    p.set_defaults(func=_run_coco)
+
+    p = sub.add_parser("voc", help="Pascal VOC 2007 (ImageSets/Main order, difficult objects ignored)")
+    p.add_argument("--root", required=True, type=Path,
+                   help="VOC2007 directory (Annotations/, ImageSets/, JPEGImages/)")
+    p.add_argument("--split", required=True, help="image set to read: trainval or test")
+    p.add_argument("--out-split", default=None, help="split name for the shards (default: trainval -> train)")
+    _common(p, "voc2007", split_required=False)
+    p.set_defaults(func=_run_voc)
+
+    p = sub.add_parser("list", help="VG-200 style: image list file + JSON image name -> class indices")
+    p.add_argument("--image-list", required=True, type=Path, help="one image name per line (dataset order)")
+    p.add_argument("--labels-json", required=True, type=Path, help="JSON {image name: [class indices]}")
+    p.add_argument("--images", required=True, type=Path, help="directory the image names are relative to")
+    p.add_argument("--classes", type=Path, default=None, help="class names file, one a line")
+    p.add_argument("--num-classes", type=int, default=None, help="number of classes (without --classes)")
+    _common(p, "vg200")
+    p.set_defaults(func=_run_list)
+
+    p = sub.add_parser("jsonl", help='JSON lines {"image": path, "labels": [names or indices]}')
+    p.add_argument("--jsonl", required=True, type=Path, help="the JSONL file (line order = dataset order)")
+    p.add_argument("--classes", required=True, type=Path, help="class names file, one a line")
+    p.add_argument("--images", type=Path, default=None,
+                   help="base of relative image paths (default: the JSONL file's directory)")
+    _common(p, "jsonl")
+    p.set_defaults(func=_run_jsonl)
+
+    p = sub.add_parser("synthetic", help="generate synthetic multi-label scenes and shard train + test")
+    p.add_argument("--n-train", type=int, default=2000, help="training images (default 2000)")
+    p.add_argument("--n-test", type=int, default=500, help="test images (default 500)")
+    p.add_argument("--num-classes", type=int, default=12, help="object classes (default 12, at most 120)")
+    p.add_argument("--image-size", type=int, default=128, help="square image side in pixels (default 128)")
+    p.add_argument("--scenes", type=int, default=4, help="scene types (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="generation seed (same seed, same bytes)")
+    p.add_argument("--raw-dir", type=Path, default=None,
+                   help="where the COCO JSON + JPEGs go (default OUT/raw-synthetic)")
+    _common(p, "synthetic", split_required=False)
+    p.set_defaults(func=_run_synthetic)
+
+    p = sub.add_parser("verify", help="check every shard's sha256 and size against its _info.json")
+    p.add_argument("shard_dir", type=Path, help="shard directory")
+    p.add_argument("--split", default=None, help="only this split (default: all)")
+    p.set_defaults(func=_run_verify)

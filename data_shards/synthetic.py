@@ -1,0 +1,213 @@
+"""Synthetic multi-label scenes in COCO format: a real, structured dataset for tests and demos.
+
+Each of K object classes has its own look (shape x colour x texture; the three cycle with
+periods 8, 10 and 3, so up to 120 classes are distinct). A few scene types each favour their own
+set of classes, which gives the labels a strong co-occurrence structure (what SST exploits), and
+each scene has its own background texture. An image holds 2-5 objects of varied scale; later
+objects may cover at most half of an earlier one's box. Output: ``instances_{split}.json`` (COCO
+instances with boxes) and JPEGs, so it travels the same COCO path as the real data.
+
+Everything is a pure function of ``(seed, split, image index)``: the same seed gives the same
+bytes, whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ["circle", "square", "triangle", "star", "ring", "cross", "diamond", "hexagon"]
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
+    "magenta": (200, 50, 190), "cyan": (40, 200, 210), "orange": (245, 140, 30),
+    "purple": (110, 50, 160), "white": (245, 245, 245), "black": (20, 20, 20),
+}
+TEXTURES = ["solid", "striped", "dotted"]
+SPLITS = {"train": 0, "test": 1}
+_COLOUR_NAMES = list(COLOURS)
+MAX_CLASSES = 120  # lcm(8, 10, 3): beyond it (shape, colour, texture) would repeat
+
+
+def class_appearance(k: int) -> tuple[str, str, str]:
+    """(shape, colour, texture) of class ``k``; distinct for k < 120."""
+    return SHAPES[k % len(SHAPES)], _COLOUR_NAMES[k % len(COLOURS)], TEXTURES[k % len(TEXTURES)]
+
+
+def class_names(num_classes: int) -> list[str]:
+    return ["_".join(reversed(class_appearance(k))) for k in range(num_classes)]
+
+
+def scene_classes(num_classes: int, num_scenes: int, seed: int) -> list[np.ndarray]:
+    """Each scene's typical classes: a random partition plus one class borrowed from another scene."""
+    rng = np.random.default_rng([seed, 7919])
+    perm = rng.permutation(num_classes)
+    parts = np.array_split(perm, num_scenes)
+    out = []
+    for s, part in enumerate(parts):
+        other = parts[(s + 1) % num_scenes]
+        extra = other[:1] if len(other) and num_scenes > 1 else other[:0]
+        out.append(np.unique(np.concatenate([part, extra])))
+    return out
+
+
+def _polygon(shape: str, size: int, angle: float) -> list[tuple[float, float]]:
+    c, r = size / 2, size / 2
+    if shape == "triangle":
+        n, radii = 3, [r]
+    elif shape == "diamond":
+        n, radii = 4, [r]
+    elif shape == "hexagon":
+        n, radii = 6, [r]
+    else:  # star
+        n, radii = 10, [r, r * 0.45]
+    return [(c + radii[i % len(radii)] * math.cos(angle + 2 * math.pi * i / n),
+             c + radii[i % len(radii)] * math.sin(angle + 2 * math.pi * i / n)) for i in range(n)]
+
+
+def _mask(shape: str, size: int, angle: float) -> Image.Image:
+    m = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(m)
+    last = size - 1
+    if shape == "circle":
+        d.ellipse((0, 0, last, last), fill=255)
+    elif shape == "square":
+        inset = size // 10
+        d.rectangle((inset, inset, last - inset, last - inset), fill=255)
+    elif shape == "ring":
+        w = max(2, size // 4)
+        d.ellipse((0, 0, last, last), fill=255)
+        d.ellipse((w, w, last - w, last - w), fill=0)
+    elif shape == "cross":
+        a, b = size * 3 // 8, size - size * 3 // 8
+        d.rectangle((a, 0, b, last), fill=255)
+        d.rectangle((0, a, last, b), fill=255)
+    else:
+        d.polygon(_polygon(shape, size, angle), fill=255)
+    return m
+
+
+def _texture(texture: str, size: int, phase: int) -> np.ndarray:
+    """Boolean (size, size) pattern: True where the main colour shows."""
+    y, x = np.mgrid[0:size, 0:size]
+    period = max(4, size // 5)
+    if texture == "striped":
+        return ((x + y + phase) // (period // 2)) % 2 == 0
+    if texture == "dotted":
+        cy, cx = (y + phase) % period - period / 2, (x + phase) % period - period / 2
+        return cy * cy + cx * cx > (period * 0.3) ** 2
+    return np.ones((size, size), dtype=bool)
+
+
+def _background(scene: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Scene-typed background: gradient, horizontal bands, checkerboard or soft noise."""
+    base = np.array([[90, 140, 200], [120, 170, 90], [170, 150, 120], [110, 110, 130]][scene % 4], float)
+    base = base + rng.uniform(-20, 20, 3)
+    y, x = np.mgrid[0:size, 0:size] / size
+    kind = scene % 4
+    if kind == 0:
+        shade = 0.75 + 0.35 * y
+    elif kind == 1:
+        shade = 0.85 + 0.15 * np.sign(np.sin((y * 8 + rng.uniform()) * math.pi))
+    elif kind == 2:
+        shade = 0.85 + 0.12 * ((np.floor(x * 6) + np.floor(y * 6)) % 2)
+    else:
+        shade = 0.8 + 0.2 * rng.random((size, size))
+    if scene >= 4:  # more scenes than patterns: tilt the pattern so they still differ
+        shade = shade * (0.9 + 0.2 * x)
+    img = base[None, None, :] * shade[..., None] + rng.normal(0, 6, (size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def render_image(seed: int, split: str, index: int, num_classes: int, image_size: int,
+                 scenes: list[np.ndarray]) -> tuple[bytes, list[tuple[int, list[float]]]]:
+    """JPEG bytes and [(class, [x, y, w, h])] of one image, a pure function of its arguments."""
+    rng = np.random.default_rng([seed, SPLITS[split], index])
+    scene = int(rng.integers(len(scenes)))
+    img = Image.fromarray(_background(scene, image_size, rng))
+    n_obj = int(rng.integers(2, 6))
+    typical = scenes[scene]
+    objects: list[tuple[int, list[float]]] = []
+    boxes: list[tuple[int, int, int]] = []
+    for _ in range(n_obj):
+        k = int(rng.choice(typical)) if rng.random() < 0.85 else int(rng.integers(num_classes))
+        shape, colour, texture = class_appearance(k)
+        size = max(8, int(image_size * rng.uniform(0.18, 0.45)))
+        for _try in range(10):  # keep at least half of every earlier box visible
+            x0, y0 = (int(v) for v in rng.integers(0, image_size - size + 1, 2))
+            if all(_overlap(x0, y0, size, bx, by, bs) <= 0.5 for bx, by, bs in boxes):
+                break
+        mask = _mask(shape, size, float(rng.uniform(0, 2 * math.pi)))
+        main = np.array(COLOURS[colour], float) * rng.uniform(0.85, 1.0)
+        second = main * 0.45 + 140 * 0.55  # washed-out companion colour for stripes/dots
+        pattern = _texture(texture, size, int(rng.integers(size)))
+        fill = np.where(pattern[..., None], main, second).astype(np.uint8)
+        img.paste(Image.fromarray(fill), (x0, y0), mask)
+        boxes.append((x0, y0, size))
+        objects.append((k, [float(x0), float(y0), float(size), float(size)]))
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=90)
+    return out.getvalue(), objects
+
+
+def _overlap(x0: int, y0: int, s: int, bx: int, by: int, bs: int) -> float:
+    """Fraction of the earlier box (bx, by, bs) that the new box covers."""
+    w = min(x0 + s, bx + bs) - max(x0, bx)
+    h = min(y0 + s, by + bs) - max(y0, by)
+    return max(0, w) * max(0, h) / (bs * bs)
+
+
+def _render_job(args: tuple) -> tuple[bytes, list]:
+    return render_image(*args)
+
+
+def generate_scenes(out_dir: str | Path, n_train: int, n_test: int, num_classes: int = 12,
+                    image_size: int = 128, seed: int = 0, num_scenes: int = 4,
+                    num_workers: int = 0) -> dict[str, tuple[Path, Path]]:
+    """Write both splits; returns {split: (instances JSON path, image directory)}."""
+    if not 2 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"num_classes must be in [2, {MAX_CLASSES}], got {num_classes}")
+    if not 1 <= num_scenes <= num_classes:
+        raise ValueError(f"num_scenes must be in [1, num_classes={num_classes}], got {num_scenes}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be >= 32, got {image_size}")
+    if n_train < 0 or n_test < 0:
+        raise ValueError(f"n_train and n_test must be >= 0, got {n_train}, {n_test}")
+    out = Path(out_dir)
+    scenes = scene_classes(num_classes, num_scenes, seed)
+    categories = [{"id": k + 1, "name": name, "supercategory": "shape"}
+                  for k, name in enumerate(class_names(num_classes))]
+    result = {}
+    pool = mp.get_context("fork").Pool(num_workers) if num_workers > 0 else None
+    try:
+        for split, count in (("train", n_train), ("test", n_test)):
+            image_dir = out / split
+            image_dir.mkdir(parents=True, exist_ok=True)
+            jobs = [(seed, split, i, num_classes, image_size, scenes) for i in range(count)]
+            rendered = pool.imap(_render_job, jobs, chunksize=32) if pool else map(_render_job, jobs)
+            images, annotations = [], []
+            for i, (data, objects) in enumerate(rendered):
+                file_name = f"{split}_{i:07d}.jpg"
+                (image_dir / file_name).write_bytes(data)
+                images.append({"id": i + 1, "file_name": file_name,
+                               "width": image_size, "height": image_size})
+                for k, box in objects:
+                    annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": k + 1,
+                                        "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+            ann_path = out / f"instances_{split}.json"
+            doc = {"info": {"description": f"synthetic scenes seed={seed} scenes={num_scenes}"},
+                   "images": images, "annotations": annotations, "categories": categories}
+            tmp = ann_path.with_name(ann_path.name + ".tmp")
+            tmp.write_text(json.dumps(doc))
+            tmp.replace(ann_path)
+            result[split] = (ann_path, image_dir)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return result
