@@ -68,7 +68,7 @@ def bank_pseudo_labels(
     """Inter-image pseudo labels against the memory bank (no gradient).
 
     sim[b,c] = mean_k cos(features[b,c], bank[c,k]) with empty (all-zero) slots contributing 0,
-    computed as (f/|f|) . mean_k(m_k/|m_k|). Returns (sim (B,C) float32, completed labels (B,C)
+    computed as (f/|f|) . mean_k(m_k/|m_k|). Returns (sim (B,C) float32 (float64 for float64 input), completed labels (B,C)
     same dtype as ``labels``): unknown (0) entries with sim >= margin become +1, others kept.
     features (B,C,F), bank (C,K,F), labels (B,C) in {-1,0,1}.
     """

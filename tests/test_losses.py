@@ -1,0 +1,345 @@
+"""SST loss terms: hand-worked values, slow loop references, fused vs reference values and gradients."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from kernels.torch_similarity import class_cosine_gram_torch
+from sst_dist.losses import (
+    LossWeights,
+    Term,
+    contrastive,
+    cooccurrence_asl,
+    partial_bce,
+    sst_loss_terms,
+    total_loss,
+)
+
+SHAPES = [(B, C) for B in (1, 3, 8) for C in (3, 7, 20, 80)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
+
+
+def rand_labels(B: int, C: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(-1, 2, (B, C), generator=gen).double()
+
+
+# ---------------------------------------------------------------- partial BCE
+
+
+def test_partial_bce_hand_worked() -> None:
+    # +1 at logit 0: -log(1/2) = ln2; -1 at logit ln3: -log(1 - 3/4) = ln4; unknown ignored.
+    logits = torch.tensor([[0.0, math.log(3.0), 5.0]], dtype=torch.float64)
+    t = partial_bce(logits, torch.tensor([[1.0, -1.0, 0.0]], dtype=torch.float64))
+    assert t.denominator.item() == 2
+    assert t.value().item() == pytest.approx(1.5 * math.log(2.0), rel=1e-12)
+
+
+def test_partial_bce_stable_and_empty() -> None:
+    logits = torch.tensor([[1000.0, -1000.0]], requires_grad=True)
+    t = partial_bce(logits, torch.tensor([[-1.0, 1.0]]))
+    assert t.value().item() == pytest.approx(1000.0)
+    t.value().backward()
+    assert torch.isfinite(logits.grad).all()
+    empty = partial_bce(torch.randn(2, 3), torch.zeros(2, 3))
+    assert empty.numerator.item() == 0 and empty.denominator.item() == 0 and empty.value().item() == 0
+
+
+@pytest.mark.parametrize("B,C", SHAPES)
+def test_partial_bce_vs_torch_loop(B: int, C: int) -> None:
+    gen = torch.Generator().manual_seed(B + 10 * C)
+    x = 3 * torch.randn(B, C, generator=gen, dtype=torch.float64)
+    y = rand_labels(B, C, gen)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = partial_bce(x1, y).value()
+    losses = [
+        torch.nn.functional.binary_cross_entropy_with_logits(x2[b, c], (y[b, c] > 0).double())
+        for b in range(B)
+        for c in range(C)
+        if y[b, c] != 0
+    ]
+    want = torch.stack(losses).mean() if losses else x2.sum() * 0
+    assert rel_err(got, want) <= 1e-12
+    got.backward()
+    want.backward()
+    assert rel_err(x1.grad, x2.grad) <= 1e-10
+
+
+# ---------------------------------------------------------------- co-occurrence ASL
+
+
+def literal_asl(q: torch.Tensor, labels: torch.Tensor, clip=0.05, eps=1e-8, gn=2.0, gp=1.0) -> torch.Tensor:
+    """Pair by pair, with the probability-space clamps and logs of the reference formula."""
+    B, C = labels.shape
+    losses = []
+    for b in range(B):
+        p = 0
+        for i in range(C):
+            for j in range(i + 1, C):
+                t = 1.0 if labels[b, i] == 1 and labels[b, j] == 1 else 0.0
+                s = torch.sigmoid(q[b, p])
+                sn = torch.clamp(1 - s + clip, max=1)
+                loss = -(t * torch.log(s.clamp(min=eps)) + (1 - t) * torch.log(sn.clamp(min=eps)))
+                prob = s * t + sn * (1 - t)
+                losses.append(loss * torch.pow(1 - prob, gp * t + gn * (1 - t)))
+                p += 1
+    return torch.stack(losses).mean()
+
+
+def test_cooc_hand_worked() -> None:
+    # C=3, pairs (0,1) (0,2) (1,2); labels [1, 1, 0] -> targets [1, 0, 0]. All logits 0 (p = 1/2):
+    # target 1: -ln(1/2) * (1/2)^1 = ln2/2; target 0: pn = 0.55, -ln(0.55) * 0.45^2 each.
+    q = torch.zeros(1, 3, dtype=torch.float64)
+    t = cooccurrence_asl(q, torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64))
+    want = (math.log(2) / 2 + 2 * (-math.log(0.55) * 0.45**2)) / 3
+    assert t.denominator.item() == 3 and t.value().item() == pytest.approx(want, rel=1e-12)
+    # A negative with p <= clip costs exactly 0 (pn clamps to 1) and gets no gradient.
+    q = torch.tensor([[-4.0, -4.0, -4.0]], dtype=torch.float64, requires_grad=True)  # p = 0.018
+    t = cooccurrence_asl(q, torch.tensor([[1.0, -1.0, 0.0]], dtype=torch.float64))
+    assert t.numerator.item() == 0.0
+    t.numerator.backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+
+
+@pytest.mark.parametrize("B,C", [(1, 3), (3, 7), (8, 7), (3, 20)])
+def test_cooc_vs_literal(B: int, C: int) -> None:
+    gen = torch.Generator().manual_seed(B * 7 + C)
+    P = C * (C - 1) // 2
+    q = 3 * torch.randn(B, P, generator=gen, dtype=torch.float64)
+    labels = torch.where(torch.rand(B, C, generator=gen) < 0.5, 1.0, -1.0).double()
+    labels[0, 0] = 0.0
+    q1, q2 = q.clone().requires_grad_(), q.clone().requires_grad_()
+    got, want = cooccurrence_asl(q1, labels).value(), literal_asl(q2, labels)
+    assert rel_err(got, want) <= 1e-12
+    got.backward()
+    want.backward()
+    assert rel_err(q1.grad, q2.grad) <= 1e-10
+
+
+def prob_space_asl(q: torch.Tensor, labels: torch.Tensor, clip=0.05, eps=1e-8) -> torch.Tensor:
+    """The reference formula vectorized in probability space, targets from a pair index loop."""
+    C = labels.shape[1]
+    ii = [i for i in range(C) for _ in range(i + 1, C)]
+    jj = [j for i in range(C) for j in range(i + 1, C)]
+    t = ((labels[:, ii] > 0) & (labels[:, jj] > 0)).to(q.dtype)
+    s = torch.sigmoid(q)
+    sn = (1 - s + clip).clamp(max=1)
+    loss = -(t * torch.log(s.clamp(min=eps)) + (1 - t) * torch.log(sn.clamp(min=eps)))
+    prob = s * t + sn * (1 - t)
+    return (loss * torch.pow(1 - prob, 1.0 * t + 2.0 * (1 - t))).mean()
+
+
+@pytest.mark.parametrize("B,C", SHAPES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_cooc_and_bce_all_shapes(B: int, C: int, dtype: torch.dtype, tol: float) -> None:
+    gen = torch.Generator().manual_seed(B * 5 + C)
+    q = (2 * torch.randn(B, C * (C - 1) // 2, generator=gen, dtype=torch.float64)).to(dtype)
+    x = (2 * torch.randn(B, C, generator=gen, dtype=torch.float64)).to(dtype)
+    labels = torch.where(torch.rand(B, C, generator=gen) < 0.6, 1.0, -1.0).to(dtype)
+    labels[:, 0] = 0.0
+    q1, q2 = q.clone().requires_grad_(), q.clone().double().requires_grad_()
+    got, want = cooccurrence_asl(q1, labels).value(), prob_space_asl(q2, labels.double())
+    got.backward()
+    want.backward()
+    assert got.dtype == dtype
+    assert rel_err(got.double(), want) <= tol and rel_err(q1.grad.double(), q2.grad) <= tol
+    x1, x2 = x.clone().requires_grad_(), x.clone().double().requires_grad_()
+    known = labels != 0
+    got = partial_bce(x1, labels).value()
+    want = torch.nn.functional.binary_cross_entropy_with_logits(
+        x2[known], (labels[known] > 0).double()
+    ) if known.any() else x2.sum() * 0
+    got.backward()
+    want.backward()
+    assert rel_err(got.double(), want) <= tol and rel_err(x1.grad.double(), x2.grad) <= tol
+
+
+def test_cooc_bad_shape() -> None:
+    with pytest.raises(ValueError, match=r"pair_logits.*\(2, 3\)"):
+        cooccurrence_asl(torch.zeros(2, 4), torch.zeros(2, 3))
+
+
+# ---------------------------------------------------------------- contrastive
+
+
+def slow_contrastive(features: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Loop form. keys (C, B(B-1)/2) are the random keys the loss draws; the random subset of a kind
+    is its 2n entries with the largest keys (= a uniform random subset), hardest = n largest terms."""
+    B, C = labels.shape
+    pos, kinds = [], {"pn": [], "nn": []}
+    for c in range(C):
+        p = 0
+        for i in range(B):
+            for j in range(i + 1, B):
+                a, b = features[i, c], features[j, c]
+                cos = (a @ b) / (a.norm() * b.norm())
+                yi, yj = labels[i, c], labels[j, c]
+                if yi == 1 and yj == 1:
+                    pos.append(1 - cos)
+                elif yi * yj == -1:
+                    kinds["pn"].append((float(keys[c, p]), 1 + cos))
+                elif yi == -1 and yj == -1:
+                    kinds["nn"].append((float(keys[c, p]), 1 + cos))
+                p += 1
+    n = len(pos)
+    kept = list(pos)
+    for entries in kinds.values():
+        if n == 0:
+            kept += [t for _, t in entries]
+            continue
+        kept += [t for _, t in sorted(entries, key=lambda e: -e[0])[: 2 * n]]
+        kept += sorted((t for _, t in entries), key=lambda t: -float(t.detach()))[:n]
+    return torch.stack(kept).mean() if kept else features.sum() * 0
+
+
+def test_contrastive_hand_worked() -> None:
+    # B=3, C=1, labels [+1, +1, -1]; f0=(1,0), f1=(0,1), f2=(1,0).
+    # (0,1) pos-pos: 1 - 0 = 1; (0,2) pos-neg: 1 + 1 = 2; (1,2) pos-neg: 1 + 0 = 1.
+    # n = 1: random keeps min(2, 2) = both pos-neg entries, hardest adds the largest (2) again.
+    # kept: 1, 2, 1, 2 -> mean 6 / 4 = 1.5, whatever the random keys.
+    f = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 0.0]]], dtype=torch.float64)
+    y = torch.tensor([[1.0], [1.0], [-1.0]], dtype=torch.float64)
+    for impl in ("reference", "fused"):
+        t = contrastive(f, y, torch.Generator().manual_seed(0), impl=impl)
+        assert t.numerator.item() == pytest.approx(6.0) and t.denominator.item() == 4
+    # No positive pair: labels [+1, -1, -1] keeps all three: (0,1) 1+0, (0,2) 1+1, (1,2) 1+0 -> 4/3.
+    t = contrastive(f, torch.tensor([[1.0], [-1.0], [-1.0]], dtype=torch.float64))
+    assert t.value().item() == pytest.approx(4 / 3) and t.denominator.item() == 3
+    # Unknown labels are never used: only (0,1) pos-pos is left -> 1.
+    t = contrastive(f, torch.tensor([[1.0], [1.0], [0.0]], dtype=torch.float64))
+    assert t.value().item() == pytest.approx(1.0) and t.denominator.item() == 1
+
+
+def test_contrastive_selection_counts_and_generator() -> None:
+    # B=8, C=1: 3 positives, 5 negatives -> 3 pos-pos, 15 pos-neg, 10 neg-neg entries.
+    # n = 3: pos-neg keeps 6 random + 3 hardest, neg-neg 6 + 3 -> 3 + 9 + 9 = 21 kept.
+    gen = torch.Generator().manual_seed(5)
+    f = torch.randn(8, 1, 4, generator=gen, dtype=torch.float64)
+    y = torch.tensor([1, 1, 1, -1, -1, -1, -1, -1], dtype=torch.float64).view(8, 1)
+    t1 = contrastive(f, y, torch.Generator().manual_seed(1))
+    t1b = contrastive(f, y, torch.Generator().manual_seed(1))
+    assert t1.denominator.item() == 21 and torch.equal(t1.numerator, t1b.numerator)
+    gens = [torch.Generator().manual_seed(s) for s in range(8)]
+    values = {round(contrastive(f, y, g).numerator.item(), 9) for g in gens}
+    assert len(values) > 1  # the random subset depends on the generator
+
+
+@pytest.mark.parametrize("B,C", SHAPES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_contrastive_fused_vs_reference_vs_loop(B: int, C: int, dtype: torch.dtype, tol: float) -> None:
+    gen = torch.Generator().manual_seed(B * 13 + C)
+    f = torch.randn(B, C, 6, generator=gen, dtype=torch.float64)
+    y = rand_labels(B, C, gen)
+    grads, vals = {}, {}
+    for impl in ("reference", "fused"):
+        x = f.to(dtype).clone().requires_grad_()
+        v = contrastive(x, y.to(dtype), torch.Generator().manual_seed(9), impl=impl).value()
+        v.backward()
+        vals[impl], grads[impl] = v.detach().double(), x.grad.double()
+    assert rel_err(vals["fused"], vals["reference"]) <= tol
+    assert rel_err(grads["fused"], grads["reference"]) <= tol
+    if dtype == torch.float64 and C <= 20:
+        kgen = torch.Generator().manual_seed(9)
+        keys = torch.rand((C, B * (B - 1) // 2), generator=kgen, dtype=torch.float64)
+        x = f.clone().requires_grad_()
+        want = slow_contrastive(x, y, keys)
+        want.backward()
+        assert rel_err(vals["fused"], want.detach()) <= 1e-10
+        assert rel_err(grads["fused"], x.grad) <= 1e-10
+
+
+def test_contrastive_single_image_is_zero() -> None:
+    x = torch.randn(1, 3, 4, requires_grad=True)
+    t = contrastive(x, torch.ones(1, 3))
+    assert t.denominator.item() == 0 and t.value().item() == 0
+    t.value().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_class_cosine_gram_gradcheck() -> None:
+    f = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(class_cosine_gram_torch, (f,))
+    g = class_cosine_gram_torch(f.detach())
+    assert g.shape == (2, 3, 3)
+    assert torch.allclose(g.diagonal(dim1=1, dim2=2), torch.ones(2, 3, dtype=torch.float64))
+
+
+def test_contrastive_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="impl"):
+        contrastive(torch.randn(2, 3, 4), torch.ones(2, 3), impl="numpy")
+    with pytest.raises(ValueError, match="labels shape"):
+        contrastive(torch.randn(2, 3, 4), torch.ones(3, 3))
+    with pytest.raises(ValueError, match=r"labels.*3\.0"):
+        contrastive(torch.randn(2, 3, 4), torch.full((2, 3), 3.0))
+
+
+# ---------------------------------------------------------------- combiner
+
+
+def test_effective_weights_schedule() -> None:
+    cfg = LossWeights()
+    w = cfg.effective(0, 0.5)
+    assert w == {"bce": 1.0, "intra": 0.0, "inter": 0.0, "cooc": 5.0, "contrastive": 0.025}
+    assert cfg.effective(0, 0.0)["cooc"] == 0.0
+    full = {"bce": 1.0, "intra": 0.0, "inter": 0.0, "cooc": 10.0, "contrastive": 0.05}
+    assert cfg.effective(1, 0.0) == full
+    assert cfg.effective(5)["intra"] == 1.0 and cfg.effective(4)["inter"] == 0.0
+    with pytest.raises(ValueError, match="progress"):
+        cfg.effective(0, 1.5)
+
+
+def test_sst_loss_terms_and_total() -> None:
+    gen = torch.Generator().manual_seed(2)
+    B, C, F = 4, 5, 6
+    logits = torch.randn(B, C, generator=gen, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(B, 10, generator=gen, dtype=torch.float64, requires_grad=True)
+    f = torch.randn(B, C, F, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = rand_labels(B, C, gen)
+    intra, inter = y.clone(), y.clone()
+    intra[y == 0] = 1.0
+    cfg = LossWeights()
+    early = sst_loss_terms(logits, q, f, y, None, None, 0, 0.25, cfg, torch.Generator().manual_seed(0))
+    assert set(early) == {"bce", "cooc", "contrastive"}
+    w = cfg.effective(0, 0.25)
+    want = early["bce"].value() + 2.5 * early["cooc"].value() + 0.0125 * early["contrastive"].value()
+    assert total_loss(early, w).item() == pytest.approx(want.item(), rel=1e-12)
+    late = sst_loss_terms(logits, q, f, y, intra, inter, 6, 1.0, cfg, torch.Generator().manual_seed(0))
+    assert set(late) == {"bce", "intra", "inter", "cooc", "contrastive"}
+    assert late["intra"].value().item() == pytest.approx(partial_bce(logits, intra).value().item())
+    total = total_loss(late, cfg.effective(6))
+    want = sum(cfg.effective(6)[k] * t.value() for k, t in late.items())
+    assert total.item() == pytest.approx(want.item(), rel=1e-12)
+    # Global denominators twice as large halve every term (what a 2-rank all-reduce would give).
+    dens = {k: 2 * t.denominator for k, t in late.items()}
+    assert total_loss(late, cfg.effective(6), dens).item() == pytest.approx(total.item() / 2, rel=1e-12)
+    total.backward()
+    assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (logits, q, f))
+    with pytest.raises(ValueError, match="intra_labels"):
+        sst_loss_terms(logits, q, f, y, None, inter, 5, 1.0, cfg)
+    with pytest.raises(KeyError, match="bogus"):
+        total_loss({"bogus": Term(torch.ones(()), torch.ones(()))}, {})
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("kernels.triton_similarity") is None, reason="no kernels/triton_similarity.py"
+)
+def test_contrastive_triton_matches_fused() -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(4)
+    f = torch.randn(5, 3, 8, generator=gen).to(device)
+    y = rand_labels(5, 3, gen).float().to(device)
+    out = {}
+    for impl in ("fused", "triton"):
+        x = f.clone().requires_grad_()
+        v = contrastive(x, y, torch.Generator(device=device).manual_seed(3), impl=impl).value()
+        v.backward()
+        out[impl] = (v.detach(), x.grad)
+    torch.testing.assert_close(out["triton"][0], out["fused"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["triton"][1], out["fused"][1], rtol=1e-4, atol=1e-5)
