@@ -3,7 +3,8 @@
 ``backend="torch"`` runs the fused plain-PyTorch forms (kernels/torch_*.py): they use the
 DESIGN identities, chunk and recompute in backward, and run on any device.
 ``backend="triton"`` runs the Triton kernels (kernels/triton_*.py): CUDA tensors, or any
-device under ``TRITON_INTERPRET=1``.
+device under ``TRITON_INTERPRET=1`` (set before triton is first imported); float32/bfloat16 only
+(float64 is refused: use the torch backend for float64 checks).
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ def bank_pseudo_labels(
     """Inter-image pseudo labels against the memory bank (no gradient).
 
     sim[b,c] = mean_k cos(features[b,c], bank[c,k]) with empty (all-zero) slots contributing 0,
-    computed as (f/|f|) . mean_k(m_k/|m_k|). Returns (sim (B,C) float32 (float64 for float64 input), completed labels (B,C)
-    same dtype as ``labels``): unknown (0) entries with sim >= margin become +1, others kept.
+    computed as (f/|f|) . mean_k(m_k/|m_k|). Returns (sim (B,C): float32, or float64 for float64
+    input on the torch backend; completed labels (B,C) same dtype as ``labels``): unknown (0)
+    entries with sim >= margin become +1, others kept.
     features (B,C,F), bank (C,K,F), labels (B,C) in {-1,0,1}.
     """
     _check_backend(backend)

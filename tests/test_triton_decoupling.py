@@ -1,0 +1,161 @@
+"""Triton semantic attention vs a float64 materialized reference (outputs and all gradients).
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1), at small odd shapes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels.triton_decoupling import semantic_attention_triton  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def reference_semantic_attention(U, V, a, X):
+    """DESIGN §2.2 computed literally: materializes the (B,S,C,D) tanh tensor."""
+    z = torch.tanh(U[:, :, None, :] * V[None, None, :, :])  # (B,S,C,D)
+    score = (z * a).sum(-1)  # (B,S,C)
+    alpha = score.softmax(dim=1)
+    return torch.einsum("bsc,bsf->bcf", alpha, X)
+
+
+def _inputs(B, S, D, C, F, dtype, a_scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(B, S, D, generator=g)
+    V = torch.randn(C, D, generator=g)
+    a = torch.randn(D, generator=g) * a_scale
+    X = torch.randn(B, S, F, generator=g)
+    return [t.to(DEV, dtype) for t in (U, V, a, X)]
+
+
+def _rel(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def check_against_reference(B, S, D, C, F, dtype, a_scale=1.0, dtypes=None, eager=False):
+    ins = _inputs(B, S, D, C, F, dtype, a_scale)
+    if dtypes is not None:  # mixed input dtypes: output promotes, each gradient keeps its input's dtype
+        ins = [t.to(d) for t, d in zip(ins, dtypes)]
+        dtype = dtypes[0]
+        for d in dtypes[1:]:
+            dtype = torch.promote_types(dtype, d)
+    tri = [t.clone().requires_grad_() for t in ins]
+    ref = [t.double().requires_grad_() for t in ins]  # same (rounded) values, float64 math
+    out = semantic_attention_triton(*tri)
+    expect = reference_semantic_attention(*ref)
+    assert out.shape == (B, C, F) and out.dtype == dtype
+    g = torch.randn(B, C, F, generator=torch.Generator().manual_seed(1)).to(DEV, dtype)
+    out.backward(g)
+    expect.backward(g.double())
+    tol = {k: TOL[t.dtype] for k, t in zip("UVaX", ins)}
+    tol["out"] = TOL[dtype]
+    if eager:  # large shapes: allow what float32/bf16 eager PyTorch itself gets wrong, doubled
+        eag = [t.clone().requires_grad_() for t in ins]
+        eout = reference_semantic_attention(*eag)
+        eout.backward(g)
+        tol["out"] = max(tol["out"], 2 * _rel(eout, expect))
+        for k, t, r in zip("UVaX", eag, ref):
+            tol[k] = max(tol[k], 2 * _rel(t.grad, r.grad))
+    assert _rel(out, expect) <= tol["out"], ("f", _rel(out, expect))
+    for name, t, r in zip("UVaX", tri, ref):
+        assert t.grad.dtype == t.dtype
+        assert _rel(t.grad, r.grad) <= tol[name], (name, _rel(t.grad, r.grad), tol[name])
+
+
+@pytest.mark.parametrize(
+    "B,S,D,C,F",
+    [(1, 1, 1, 1, 1), (2, 17, 5, 17, 65), (3, 7, 19, 2, 3), (1, 67, 3, 2, 2), (18, 2, 3, 2, 2)],
+    ids=["ones", "above-blocks", "primes", "S-over-two-blocks", "B-over-dV-split"],
+)
+def test_matches_reference_float32(B, S, D, C, F):
+    check_against_reference(B, S, D, C, F, torch.float32)
+
+
+def test_matches_reference_bfloat16():
+    check_against_reference(2, 13, 11, 5, 7, torch.bfloat16)
+
+
+def test_mixed_dtypes_promote():
+    # autocast-style inputs: bf16 projections with a float32 feature map
+    bf, f32 = torch.bfloat16, torch.float32
+    check_against_reference(2, 5, 9, 3, 6, f32, dtypes=(bf, bf, f32, f32))
+
+
+def test_large_scores_are_stable():
+    # scores of order +-100: a naive exp would overflow in float32
+    check_against_reference(1, 11, 7, 3, 4, torch.float32, a_scale=30.0)
+
+
+def test_non_contiguous_inputs_are_copied():
+    U, V, a, X = _inputs(2, 5, 6, 3, 4, torch.float32)
+    Ut = U.transpose(1, 2).contiguous().transpose(1, 2)  # same values, non-contiguous
+    Vt = V.t().contiguous().t()
+    assert not Ut.is_contiguous() and not Vt.is_contiguous()
+    out = semantic_attention_triton(Ut, Vt, a, X)
+    assert _rel(out, reference_semantic_attention(U.double(), V.double(), a.double(), X.double())) <= 1e-5
+
+
+def test_errors():
+    U, V, a, X = _inputs(2, 5, 6, 3, 4, torch.float32)
+    with pytest.raises(TypeError, match="U must be float32"):
+        semantic_attention_triton(U.double(), V, a, X)
+    with pytest.raises(ValueError, match="inner dims"):
+        semantic_attention_triton(U, V[:, :5], a, X)
+    with pytest.raises(ValueError, match="X .* must be"):
+        semantic_attention_triton(U, V, a, X[:, :4])
+    with pytest.raises(ValueError, match="3 dimensions"):
+        semantic_attention_triton(U[0], V, a, X)
+
+
+def test_cpu_tensors_without_interpreter_are_rejected(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    U, V, a, X = (t.cpu() for t in _inputs(1, 2, 3, 2, 2, torch.float32))
+    with pytest.raises(RuntimeError, match="U is on cpu.*TRITON_INTERPRET=1"):
+        semantic_attention_triton(U, V, a, X)
+
+
+def test_torch_compile_traces_through_the_custom_op():
+    # fake impls + registered autograd let dynamo trace the op in one graph (fullgraph=True)
+    ins = _inputs(2, 5, 6, 3, 4, torch.float32)
+    a = [t.clone().requires_grad_() for t in ins]
+    b = [t.clone().requires_grad_() for t in ins]
+    out, out_c = (
+        semantic_attention_triton(*a),
+        torch.compile(semantic_attention_triton, backend="aot_eager", fullgraph=True)(*b),
+    )
+    out.sum().backward()
+    out_c.sum().backward()
+    assert torch.equal(out, out_c)
+    assert all(torch.equal(x.grad, y.grad) for x, y in zip(a, b))
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    # the CPU interpreter accepts programs the GPU compiler rejects: compile every kernel for sm_90
+    # offline (triton + ptxas, no GPU needed) in a process without TRITON_INTERPRET
+    from kernels.triton_decoupling import aot_specs
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "kernels._triton_common", "kernels.triton_decoupling", "fp32,bf16"]
+    res = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(rows) == 2 * len(aot_specs()) and all(r["regs"] for r in rows), rows
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_shapes_gpu(dtype):
+    check_against_reference(8, 49, 512, 80, 1024, dtype, eager=True)

@@ -1,0 +1,173 @@
+"""Triton pair co-occurrence head vs a float64 materialized reference (outputs and all gradients).
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1), at small odd shapes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels.triton_pairs import pair_cooccurrence_triton  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def reference_pair_cooccurrence(U, V, A, beta, c):
+    """DESIGN §2.5 identity computed literally with a Python loop over pairs (slow, obvious)."""
+    C = U.shape[1]
+    q, p = [], 0
+    for i in range(C):
+        for j in range(i + 1, C):
+            q.append((A[p] * torch.relu(U[:, i] + V[:, j] + beta)).sum(-1) + c[p])
+            p += 1
+    return torch.stack(q, dim=1)
+
+
+def _inputs(B, C, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    P = C * (C - 1) // 2
+    ts = (
+        torch.randn(B, C, D, generator=g),
+        torch.randn(B, C, D, generator=g),
+        torch.randn(P, D, generator=g),
+        torch.randn(D, generator=g),
+        torch.randn(P, generator=g),
+    )
+    return [t.to(DEV, dtype) for t in ts]
+
+
+def _rel(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def check_against_reference(B, C, D, dtype, dtypes=None, eager=False):
+    ins = _inputs(B, C, D, dtype)
+    if dtypes is not None:  # mixed input dtypes: output promotes, each gradient keeps its input's dtype
+        ins = [t.to(d) for t, d in zip(ins, dtypes)]
+        dtype = dtypes[0]
+        for d in dtypes[1:]:
+            dtype = torch.promote_types(dtype, d)
+    tri = [t.clone().requires_grad_() for t in ins]
+    ref = [t.double().requires_grad_() for t in ins]
+    out = pair_cooccurrence_triton(*tri)
+    expect = reference_pair_cooccurrence(*ref)
+    P = C * (C - 1) // 2
+    assert out.shape == (B, P) and out.dtype == dtype
+    g = torch.randn(B, P, generator=torch.Generator().manual_seed(1)).to(DEV, dtype)
+    out.backward(g)
+    expect.backward(g.double())
+    tol = {k: TOL[t.dtype] for k, t in zip(("U", "V", "A", "beta", "c"), ins)}
+    tol["out"] = TOL[dtype]
+    if eager:  # large shapes: allow what float32/bf16 eager PyTorch itself gets wrong, doubled
+        eag = [t.clone().requires_grad_() for t in ins]
+        eout = reference_pair_cooccurrence(*eag)
+        eout.backward(g)
+        tol["out"] = max(tol["out"], 2 * _rel(eout, expect))
+        for k, t, r in zip(("U", "V", "A", "beta", "c"), eag, ref):
+            tol[k] = max(tol[k], 2 * _rel(t.grad, r.grad))
+    assert _rel(out, expect) <= tol["out"], ("q", _rel(out, expect))
+    for name, t, r in zip(("U", "V", "A", "beta", "c"), tri, ref):
+        assert t.grad.dtype == t.dtype
+        assert _rel(t.grad, r.grad) <= tol[name], (name, _rel(t.grad, r.grad), tol[name])
+
+
+@pytest.mark.parametrize(
+    "B,C,D", [(1, 2, 1), (2, 7, 65), (3, 18, 5)], ids=["one-pair", "above-D-block", "above-pair-block"]
+)
+def test_matches_reference_float32(B, C, D):
+    check_against_reference(B, C, D, torch.float32)
+
+
+def test_matches_reference_bfloat16():
+    check_against_reference(2, 5, 13, torch.bfloat16)
+
+
+def test_mixed_dtypes_promote():
+    bf, f32 = torch.bfloat16, torch.float32
+    check_against_reference(2, 5, 7, f32, dtypes=(bf, bf, f32, f32, bf))
+
+
+def test_pair_order_is_row_major_upper_triangle():
+    # A one-hot per pair picks out relu(U[i] + V[j]) in the pair's own slot only
+    C, D = 4, 1
+    U = torch.zeros(1, C, D, device=DEV)
+    V = torch.arange(C, dtype=torch.float32, device=DEV).view(1, C, 1) * 10
+    U[0, :, 0] = torch.arange(C, dtype=torch.float32, device=DEV)
+    P = C * (C - 1) // 2
+    q = pair_cooccurrence_triton(
+        U, V, torch.ones(P, D, device=DEV), torch.zeros(D, device=DEV), torch.zeros(P, device=DEV)
+    )
+    expect = [i + 10 * j for i in range(C) for j in range(i + 1, C)]  # (0,1),(0,2),(0,3),(1,2),...
+    assert q[0].tolist() == expect
+
+
+def test_non_contiguous_inputs_are_copied():
+    U, V, A, beta, c = _inputs(2, 5, 6, torch.float32)
+    At = A.t().contiguous().t()
+    assert not At.is_contiguous()
+    out = pair_cooccurrence_triton(U, V, At, beta, c)
+    expect = reference_pair_cooccurrence(*(t.double() for t in (U, V, A, beta, c)))
+    assert _rel(out, expect) <= 1e-5
+
+
+def test_errors():
+    U, V, A, beta, c = _inputs(2, 5, 6, torch.float32)
+    with pytest.raises(TypeError, match="A must be float32"):
+        pair_cooccurrence_triton(U, V, A.double(), beta, c)
+    with pytest.raises(ValueError, match=r"expected A \(10,6\)"):
+        pair_cooccurrence_triton(U, V, A[:9], beta, c)
+    with pytest.raises(ValueError, match="must match U"):
+        pair_cooccurrence_triton(U, V[:, :4], A, beta, c)
+
+
+def test_cpu_tensors_without_interpreter_are_rejected(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    U, V, A, beta, c = (t.cpu() for t in _inputs(1, 3, 2, torch.float32))
+    with pytest.raises(RuntimeError, match="U is on cpu.*TRITON_INTERPRET=1"):
+        pair_cooccurrence_triton(U, V, A, beta, c)
+
+
+def test_torch_compile_traces_through_the_custom_op():
+    # fake impls + registered autograd let dynamo trace the op in one graph (fullgraph=True)
+    ins = _inputs(2, 4, 6, torch.float32)
+    a = [t.clone().requires_grad_() for t in ins]
+    b = [t.clone().requires_grad_() for t in ins]
+    out, out_c = (
+        pair_cooccurrence_triton(*a),
+        torch.compile(pair_cooccurrence_triton, backend="aot_eager", fullgraph=True)(*b),
+    )
+    out.sum().backward()
+    out_c.sum().backward()
+    assert torch.equal(out, out_c)
+    assert all(torch.equal(x.grad, y.grad) for x, y in zip(a, b))
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    # the CPU interpreter accepts programs the GPU compiler rejects: compile every kernel for sm_90
+    # offline (triton + ptxas, no GPU needed) in a process without TRITON_INTERPRET
+    from kernels.triton_pairs import aot_specs
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "kernels._triton_common", "kernels.triton_pairs", "fp32,bf16"]
+    res = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(rows) == 2 * len(aot_specs()) and all(r["regs"] for r in rows), rows
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_shapes_gpu(dtype):
+    check_against_reference(8, 80, 1024, dtype, eager=True)
