@@ -1,0 +1,1 @@
+"""Training: DeepSpeed trainer, distributed SST state, checkpoints, evaluation and their commands."""

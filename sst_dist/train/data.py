@@ -1,0 +1,91 @@
+"""The trainer's data side: synthetic data on demand, loaders, and the adjacency from partial labels.
+
+The co-occurrence adjacency must come from the PARTIAL training labels of the run's proportion
+(DESIGN §2.3), which the train loader already derives by the protocol; reusing them keeps the
+graph and the supervision consistent.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from sst_dist.config import RunConfig
+from sst_dist.train import distributed as D
+
+log = logging.getLogger("sst_dist")
+
+
+def ensure_synthetic(cfg: RunConfig) -> None:
+    """Rank 0 generates and converts the synthetic scenes when ``data.synthetic.enabled`` and absent."""
+    from data_shards import format as fmt
+
+    s, root = cfg.data.synthetic, Path(cfg.data.root)
+    if not s.enabled:
+        return
+    if D.rank() == 0:
+        have = all(
+            list(root.glob(f"*-{split}-_info.json")) for split in (cfg.data.train_split, cfg.data.test_split)
+        )
+        if not have:
+            from data_shards.coco import read_coco
+            from data_shards.convert import convert_labeled
+            from data_shards.synthetic import generate_scenes
+
+            log.info(
+                "generating synthetic scenes (%d train, %d test, %d classes, %dpx) in %s",
+                s.num_train,
+                s.num_test,
+                s.num_classes,
+                s.image_size,
+                root,
+            )
+            paths = generate_scenes(
+                root / "raw-synthetic",
+                s.num_train,
+                s.num_test,
+                num_classes=s.num_classes,
+                image_size=s.image_size,
+                seed=s.seed,
+                num_scenes=min(4, s.num_classes),
+            )
+            for split, (ann, images) in paths.items():
+                out_split = cfg.data.train_split if split == "train" else cfg.data.test_split
+                convert_labeled(
+                    read_coco(ann, images),
+                    root,
+                    "synthetic",
+                    out_split,
+                    num_workers=0,
+                    progress=False,
+                    overwrite=True,
+                )
+        fmt.find_info(root, cfg.data.train_split)
+    D.barrier()
+
+
+def build_data(cfg: RunConfig, rank: int, world_size: int, device: torch.device):  # -> RunData
+    """Train/test loaders for this rank, the adjacency and the class names."""
+    from data_shards.loaders import build_loader
+    from sst_dist.model.adjacency import cooccurrence_adjacency
+    from sst_dist.train.trainer import RunData
+
+    ensure_synthetic(cfg)
+    d = cfg.data
+    common = dict(
+        image_size=d.image_size,
+        proportion=d.proportion,
+        seed=d.seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=d.num_workers,
+        backend=d.backend,
+        device=device,
+        num_classes=cfg.model.num_classes,
+    )
+    train = build_loader(d.root, d.train_split, train=True, batch_size=cfg.train.batch_size, **common)
+    test = build_loader(d.root, d.test_split, train=False, batch_size=cfg.train.batch_size, **common)
+    adjacency = cooccurrence_adjacency(train.shards.partial)
+    return RunData(train, test, adjacency, list(train.shards.info["classes"]))

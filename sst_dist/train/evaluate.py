@@ -1,0 +1,107 @@
+"""Distributed inference and evaluation: scores gathered in dataset order, metrics, artefacts.
+
+Each rank scores its share of the test split; the (index, scores, labels) rows are all-gathered,
+sorted by global index and de-duplicated (a loader may pad ranks to equal length), so the
+metrics see exactly the dataset in its order whatever the world size. Rank 0 writes the table,
+per-class AP JSON and a bar chart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sst_dist import metrics as M
+from sst_dist.train import distributed as D
+
+log = logging.getLogger("sst_dist")
+
+
+@torch.no_grad()
+def gather_scores(
+    model: torch.nn.Module, loader: Any, device: torch.device, dtype: torch.dtype, max_batches: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(index (N,), logits (N,C) float64, full labels (N,C)) over all ranks, in dataset order."""
+    was_training = model.training
+    model.eval()
+    idx, scores, labels = [], [], []
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        out = model(batch.images.to(device=device, dtype=dtype))
+        idx.append(batch.index.to(device).long())
+        scores.append(out.logits.float())
+        labels.append(batch.full.to(device).float())
+    model.train(was_training)
+    if idx:
+        local = torch.cat(
+            [torch.cat(idx).double()[:, None], torch.cat(scores).double(), torch.cat(labels).double()], 1
+        )
+    else:
+        c = int(getattr(getattr(model, "cfg", None), "num_classes", 0))
+        local = torch.zeros((0, 1 + 2 * c), dtype=torch.float64, device=device)
+    allrows = D.all_gather_rows(local, keep_local_grad=False).cpu().numpy()
+    index = allrows[:, 0].astype(np.int64)
+    index, first = np.unique(index, return_index=True)  # sorted, duplicates (padding) dropped
+    allrows = allrows[first]
+    c = (allrows.shape[1] - 1) // 2
+    return index, allrows[:, 1 : 1 + c], allrows[:, 1 + c :]
+
+
+def save_ap_artifacts(result: dict, class_names: list[str] | None, out_dir: str | Path, tag: str) -> Path:
+    """Per-class AP JSON and a bar chart PNG (matplotlib Agg), named by ``tag``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ap = [float(a) for a in result["ap"]]
+    names = class_names or [f"class_{i}" for i in range(len(ap))]
+    doc = {
+        "tag": tag,
+        **{k: float(result[k]) for k in M.SUMMARY_KEYS},
+        "ap": {n: (None if np.isnan(a) else a) for n, a in zip(names, ap)},
+    }
+    path = out / f"ap_{tag}.json"
+    path.write_text(json.dumps(doc, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(ap)), 4.0))
+    ax.bar(range(len(ap)), [0.0 if np.isnan(a) else 100 * a for a in ap], color="#3b75af")
+    ax.set_xticks(range(len(ap)))
+    ax.set_xticklabels(names, rotation=90, fontsize=6 if len(ap) > 30 else 8)
+    ax.set_ylabel("AP (%)")
+    ax.set_title(f"per-class AP, mAP {100 * result['mAP']:.2f} ({tag})")
+    fig.tight_layout()
+    fig.savefig(out / f"ap_{tag}.png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    loader: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    out_dir: str | Path | None = None,
+    tag: str = "eval",
+    class_names: list[str] | None = None,
+    max_batches: int = 0,
+) -> dict | None:
+    """Metrics dict on rank 0 (None elsewhere); prints the table and writes the artefacts."""
+    index, scores, labels = gather_scores(model, loader, device, dtype, max_batches)
+    if D.rank() != 0:
+        return None
+    if len(index) == 0:
+        raise ValueError("evaluation loader produced no samples")
+    result = M.evaluate(scores, np.where(labels > 0, 1.0, 0.0))
+    result["num_samples"] = int(len(index))
+    log.info("evaluation %s on %d images:\n%s", tag, len(index), M.format_table(result))
+    if out_dir is not None:
+        save_ap_artifacts(result, class_names, out_dir, tag)
+    return result

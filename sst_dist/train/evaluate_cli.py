@@ -1,0 +1,120 @@
+"""``sst-dist eval CHECKPOINT [key.sub=value ...]``: evaluate a checkpoint on the test split.
+
+CHECKPOINT is a checkpoint directory (``.../checkpoints/epoch_0003``) or a run directory (its
+``latest`` checkpoint is used). The run's saved ``config.yaml`` gives the model and data; overrides
+change e.g. ``data.root`` or ``data.test_split``. Runs on any number of ranks (same launchers
+as training); scores are gathered in dataset order, rank 0 prints the table and writes the
+per-class AP JSON/PNG into ``--out`` (default: the checkpoint directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory for a checkpoint or run directory; clear error otherwise."""
+    p = Path(path)
+    if (p / "meta.json").is_file():
+        return p
+    pointer = p / "checkpoints" / "latest"
+    if pointer.is_file():
+        return p / "checkpoints" / pointer.read_text().strip()
+    raise FileNotFoundError(
+        f"{p} is neither a checkpoint directory (with meta.json) nor a run directory "
+        "(with checkpoints/latest)"
+    )
+
+
+def load_checkpoint_model(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, Any, dict]:
+    """(SSTModel in eval mode with the checkpoint's weights and bank, RunConfig, meta) on the CPU.
+
+    Reads DeepSpeed's consolidated module state (ZeRO stages 0-2; for ZeRO-3 checkpoints first run
+    DeepSpeed's ``zero_to_fp32.py``). The adjacency is a buffer of the saved model.
+    """
+    from sst_dist.config import load_config
+    from sst_dist.model.sst import SSTModel
+
+    ckpt = resolve_checkpoint(path)
+    run_dir = ckpt.parent.parent
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"run config {cfg_file} (written by training) is missing")
+    cfg = load_config(cfg_file, overrides)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    states = sorted((ckpt / "engine").glob("mp_rank_*_model_states.pt"))
+    if not states:
+        raise FileNotFoundError(f"no DeepSpeed model states (engine/mp_rank_*_model_states.pt) in {ckpt}")
+    blob = torch.load(states[0], map_location="cpu", weights_only=False)
+    module = blob.get("module")
+    if not module:
+        raise ValueError(
+            f"{states[0]} holds no consolidated module state (ZeRO-3?): run zero_to_fp32.py first"
+        )
+    C = cfg.model.num_classes
+    model = SSTModel(cfg.model, torch.zeros(C, C))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in module.items()})
+    model.eval()
+    return model, cfg, meta
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory or run directory")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of the run's config")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write ap_*.json/png (default: checkpoint)"
+    )
+    parser.add_argument("--max-batches", type=int, default=0, help="evaluate only this many batches per rank")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from data_shards.loaders import build_loader
+    from sst_dist.train import distributed as D
+    from sst_dist.train.evaluate import evaluate_model
+    from sst_dist.train.logging_utils import setup_logging
+
+    try:
+        model, cfg, meta = load_checkpoint_model(args.checkpoint, args.overrides)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"sst-dist eval: {e}", file=sys.stderr)
+        return 2
+    D.init_distributed()
+    setup_logging()
+    d = cfg.data
+    loader = build_loader(
+        d.root,
+        d.test_split,
+        train=False,
+        batch_size=cfg.train.batch_size,
+        image_size=d.image_size,
+        proportion=d.proportion,
+        seed=d.seed,
+        rank=D.rank(),
+        world_size=D.world_size(),
+        num_workers=d.num_workers,
+        backend=d.backend,
+        num_classes=cfg.model.num_classes,
+    )
+    ckpt = resolve_checkpoint(args.checkpoint)
+    result = evaluate_model(
+        model,
+        loader,
+        torch.device("cpu"),
+        torch.float32,
+        args.out or ckpt,
+        f"{ckpt.name}_{d.test_split}",
+        meta.get("class_names"),
+        args.max_batches,
+    )
+    if result is not None:
+        summary = {k: v for k, v in result.items() if k != "ap"}
+        print(json.dumps({"checkpoint": str(ckpt), **summary}))
+    return 0

@@ -1,0 +1,116 @@
+"""Rank-filtered logging, a progress bar, TensorBoard and a metrics.jsonl record of every step.
+
+Only one rank logs (rank 0, or the rank named by ``SST_LOG_RANK``; ``SST_LOG_RANK=all`` lets
+every rank log with a ``[rank N]`` prefix), so N ranks do not print N copies. The JSONL file
+is the machine-readable record (one object per logged step/epoch/eval); TensorBoard gets the
+same scalars when it is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sst_dist.train import distributed as D
+
+
+def log_rank_enabled(rank: int | None = None) -> bool:
+    """Whether this rank should log, per ``SST_LOG_RANK`` (default 0, or ``all``)."""
+    rank = D.rank() if rank is None else rank
+    sel = os.environ.get("SST_LOG_RANK", "0").strip().lower()
+    if sel == "all":
+        return True
+    try:
+        return rank == int(sel)
+    except ValueError:
+        raise ValueError(f"SST_LOG_RANK must be a rank number or 'all', got {sel!r}") from None
+
+
+def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> logging.Logger:
+    """Configure the ``sst_dist`` logger for this rank (silent on ranks that do not log)."""
+    logger = logging.getLogger("sst_dist")
+    logger.handlers.clear()
+    logger.propagate = False
+    enabled = log_rank_enabled()
+    logger.setLevel(level if enabled else logging.ERROR)
+    prefix = f"[rank {D.rank()}] " if os.environ.get("SST_LOG_RANK", "").lower() == "all" else ""
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%H:%M:%S")
+    h = logging.StreamHandler(sys.stdout)
+    h.setFormatter(fmt)
+    logger.addHandler(h)
+    if log_file is not None and enabled:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger
+
+
+class MetricsWriter:
+    """Append-only metrics.jsonl plus TensorBoard scalars; a no-op on ranks that do not log."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
+        self.enabled = D.rank() == 0
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except Exception as e:  # tensorboard missing or broken: keep the JSONL record
+                logging.getLogger("sst_dist").warning("TensorBoard disabled: %s", e)
+
+    def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        rec = {"kind": kind, "step": step, "time": time.time(), **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec, default=float) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Progress:
+    """tqdm bar over an epoch showing images/s and the running losses.
+
+    Shown on the logging rank when stderr is a terminal (or ``SST_PROGRESS=1``), so log files
+    of batch jobs stay free of carriage-return spam.
+    """
+
+    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
+        self.bar = None
+        self.start = time.perf_counter()
+        self.images = 0
+        tty = sys.stderr.isatty() or os.environ.get("SST_PROGRESS", "") == "1"
+        if enabled and tty and log_rank_enabled():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr)
+
+    def update(self, images: int, postfix: dict[str, float]) -> float:
+        """Advance one step; returns global images/s so far (``images`` already summed over ranks)."""
+        self.images += images
+        rate = self.images / max(1e-9, time.perf_counter() - self.start)
+        if self.bar is not None:
+            self.bar.set_postfix({"img/s": f"{rate:.1f}", **{k: f"{v:.4f}" for k, v in postfix.items()}})
+            self.bar.update(1)
+        return rate
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,192 @@
+"""The Trainer end to end in one process (DeepSpeed on the CPU accelerator, debug config).
+
+One module-scoped run trains the debug config (synthetic scenes, resnet18, 2 epochs, pseudo
+labels from epoch 1) and the tests check what it leaves behind, that its loss is the plain
+single-process SST loss, the NaN skip/abort policy, the damaged-checkpoint fallback and the
+eval/predict commands on its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from sst_dist import losses as L
+from sst_dist.config import load_config
+from sst_dist.pseudo import intra_pseudo_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "launch" / "configs" / "debug.yaml"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from sst_dist.train.trainer import Trainer
+
+    saved = dict(os.environ)
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    tmp = tmp_path_factory.mktemp("trainer")
+    cfg = load_config(
+        DEBUG,
+        [
+            f"output.root={tmp / 'runs'}",
+            f"data.root={tmp / 'data'}",
+            "output.tensorboard=true",
+            "pseudo.margin_start=0.3",
+            "pseudo.margin_min=0.3",
+        ],
+    )
+    trainer = Trainer(cfg)
+    summary = trainer.train()
+    yield trainer, summary, tmp
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_run_leaves_config_metrics_eval_and_checkpoints(run):
+    trainer, summary, _ = run
+    rd = trainer.run_dir
+    assert load_config(rd / "config.yaml") == trainer.cfg
+    recs = _records(rd)
+    epochs = [r for r in recs if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    train = [r for r in recs if r["kind"] == "train"]
+    for key in ("loss", "loss_bce", "loss_cooc", "loss_contrastive", "lr", "images_per_s", "margin_intra"):
+        assert all(key in r for r in train), key
+    late = [r for r in train if r["epoch"] == 1]
+    assert late and all("loss_intra" in r and "loss_inter" in r and "inter_precision" in r for r in late)
+    assert not any("loss_intra" in r for r in train if r["epoch"] == 0)  # warm-up: no pseudo terms
+    assert epochs[1]["intra_count"] > 0 and epochs[1]["inter_count"] > 0  # low margin: pseudo labels appear
+    assert 0.0 <= epochs[1]["intra_precision"] <= 1.0 and 0.0 <= epochs[1]["intra_recall"] <= 1.0
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert len(evals) == 2 and all(0.0 <= r["mAP"] <= 1.0 for r in evals)
+    assert summary["mAP"] == pytest.approx(evals[-1]["mAP"])
+    ap = json.loads((rd / "eval" / "ap_epoch_0002.json").read_text())
+    assert len(ap["ap"]) == 6 and (rd / "eval" / "ap_epoch_0002.png").stat().st_size > 1000
+    assert list((rd / "tensorboard").glob("events.*"))
+    ck = rd / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "epoch_0002"
+    meta = json.loads((ck / "epoch_0002" / "meta.json").read_text())
+    assert meta["epoch"] == 2 and meta["step"] == trainer.global_step == 2 * trainer.steps_per_epoch
+    assert (ck / "best").read_text().strip() in ("epoch_0001", "epoch_0002")
+    assert trainer.model.bank.filled.sum() > 0
+
+
+@pytest.mark.slow
+def test_step_loss_is_the_single_process_sst_loss(run):
+    """World 1: compute() must equal the sum of the losses-module terms built by hand."""
+    trainer, _, _ = run
+    tr = trainer
+    batch = next(iter(tr.data.train_loader))
+    labels = batch.partial.float()
+    tr._set_train_mode()
+    epoch, progress = 1, 0.25
+    tr.sst.set_epoch(epoch)
+    bank_before = tr.model.bank.state_dict()
+    gen_before = tr.sst.generator.get_state()
+    with torch.no_grad():
+        res = tr.forward_loss(batch, epoch, progress)
+        # reference: same forward (BN in training mode is deterministic), the pieces composed directly
+        tr.model.bank.load_state_dict(bank_before)
+        gen = torch.Generator().set_state(gen_before)
+        out = tr.model(batch.images)
+        tr.model.bank.update(out.features, labels)
+        margin = tr.sst.schedule.margin(epoch)
+        intra = intra_pseudo_labels(out.pair_logits, labels, margin)
+        _, inter = tr.model.bank.pseudo_labels(out.features, labels, margin)
+        w = L.LossWeights(warmup_epochs=tr.cfg.pseudo.warmup_epochs)
+        terms = L.sst_loss_terms(
+            out.logits, out.pair_logits, out.features, labels, intra, inter, epoch, progress, w, generator=gen
+        )
+        ref = L.total_loss(terms, w.effective(epoch, progress))
+    assert torch.allclose(res.loss, ref, rtol=1e-5, atol=1e-6), (res.loss, ref)
+    assert res.global_loss == pytest.approx(float(ref), rel=1e-5)
+    assert torch.equal(tr.sst.last_pseudo["intra"], intra) and torch.equal(tr.sst.last_pseudo["inter"], inter)
+
+
+@pytest.mark.slow
+def test_nan_loss_is_skipped_then_aborts_keeping_last_checkpoint(run):
+    from sst_dist.train.trainer import TrainingAborted
+
+    tr, _, _ = run
+    poison = {"left": 1}
+
+    def hook(_module, _inp, out):
+        if poison["left"] > 0:
+            poison["left"] -= 1
+            return out * float("nan")
+        return out
+
+    handle = tr.model.out_fc.register_forward_hook(hook)
+    try:
+        before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+        step, skipped = tr.global_step, tr.skipped_steps
+        batch = next(iter(tr.data.train_loader))
+        res = tr.train_step(batch, 1, 0.0)
+        assert not res.finite and tr.skipped_steps == skipped + 1 and tr.global_step == step
+        assert all(torch.equal(p, before[n]) for n, p in tr.model.named_parameters() if p.requires_grad)
+        res = tr.train_step(batch, 1, 0.0)  # healthy again: a real step, the bad-step streak resets
+        assert res.finite and tr.global_step == step + 1 and tr.bad_steps == 0
+
+        ck = tr.checkpoints.root
+        latest_before = (ck / "latest").read_text()
+        files_before = sorted(p.name for p in ck.iterdir())
+        poison["left"] = 10**6
+        tr.cfg.train.max_bad_steps = 3
+        tr.cfg.train.epochs = 3
+        with pytest.raises(TrainingAborted, match="3 non-finite losses in a row"):
+            tr.train()
+        assert (ck / "latest").read_text() == latest_before
+        assert sorted(p.name for p in ck.iterdir()) == files_before
+    finally:
+        handle.remove()
+        tr.cfg.train.epochs = 2
+
+
+@pytest.mark.slow
+def test_damaged_latest_falls_back_to_previous(run):
+    tr, _, _ = run
+    ck = tr.checkpoints.root
+    assert tr.resume() and tr.epoch == 2
+    bank2 = tr.model.bank.bank.clone()
+    state = ck / "epoch_0002" / "sst_state.pt"
+    good = state.read_bytes()
+    try:
+        state.write_bytes(b"garbage")  # a torn write of the newest checkpoint
+        assert tr.resume()
+        assert tr.epoch == 1 and tr.global_step == tr.steps_per_epoch
+        assert not torch.equal(tr.model.bank.bank, bank2)
+    finally:
+        state.write_bytes(good)
+    assert tr.resume() and tr.epoch == 2 and torch.equal(tr.model.bank.bank, bank2)
+
+
+@pytest.mark.slow
+def test_eval_and_predict_commands(run, capsys):
+    from sst_dist.cli import main
+
+    tr, _, tmp = run
+    assert main(["eval", str(tr.run_dir), "--out", str(tmp / "evalout")]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")][-1]
+    res = json.loads(line)
+    assert res["checkpoint"].endswith("epoch_0002") and res["num_samples"] == 16 and 0 <= res["mAP"] <= 1
+    assert list((tmp / "evalout").glob("ap_*.json")) and list((tmp / "evalout").glob("ap_*.png"))
+    images = sorted((tmp / "data" / "raw-synthetic" / "test").glob("*.jpg"))[:2]
+    assert main(["predict", str(tr.run_dir), *map(str, images)]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [r["image"] for r in rows] == list(map(str, images))
+    names = tr.data.class_names
+    for r in rows:
+        assert set(r["scores"]) == set(names) and all(0 <= s <= 1 for s in r["scores"].values())
+        assert set(r["labels"]) == {n for n, s in r["scores"].items() if s >= 0.5}
+    assert main(["predict", str(tr.run_dir), str(tmp / "missing.jpg")]) == 2
+    assert main(["eval", str(tmp / "nowhere")]) == 2
