@@ -36,6 +36,7 @@ def _tanh_slab(Ut: torch.Tensor, Vt: torch.Tensor, c0: int, c1: int) -> torch.Te
 
 class _SemanticAttention(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # float32 under autocast
     def forward(ctx, U, V, a, X, chunk):  # type: ignore[override]
         B, S, D = U.shape
         C = V.shape[0]
@@ -53,6 +54,7 @@ class _SemanticAttention(torch.autograd.Function):
         return f
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gf):  # type: ignore[override]
         Ut, Vt, a, X, alpha = ctx.saved_tensors
         need_u, need_v, need_a, need_x, _ = ctx.needs_input_grad
