@@ -18,11 +18,11 @@ $(STAMP): setup.py pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash launch/demo.sh
+	PATH=$$PATH:$(CURDIR)/$(VENV)/bin bash launch/demo.sh
 
 test: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m ruff check .
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q tests
+	PATH=$$PATH:$(CURDIR)/$(VENV)/bin $(PY) -m ruff check .
+	PATH=$$PATH:$(CURDIR)/$(VENV)/bin $(PY) -m pytest -q tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Train SST with the `deepspeed` launcher, on one node or on the nodes of a hostfile.
+# Everything after CONFIG (key=value overrides, --resume) goes unchanged to
+# `python -m sst_dist.cli train CONFIG ...` on every rank.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: launch/deepspeed.sh [OPTIONS] CONFIG [key=value ...] [--resume]
+       launch/deepspeed.sh [OPTIONS] --probe OUT_DIR
+
+Starts `python -m sst_dist.cli train CONFIG ...` on every rank with the deepspeed launcher.
+Arguments after CONFIG are passed through unchanged (overrides such as train.epochs=2, --resume).
+
+Options (each also read from the environment variable in brackets):
+  --num-gpus N       ranks per node [NUM_GPUS]; default: the hostfile's slots, else every
+                     visible GPU, or 2 CPU ranks with DS_ACCELERATOR=cpu
+  --hostfile FILE    multi-node hostfile, lines "hostname slots=N" [HOSTFILE]; default: this node
+  --num-nodes N      use the first N hosts of the hostfile [NUM_NODES]
+  --launcher NAME    multi-node backend: pdsh, openmpi, mvapich, slurm [DS_LAUNCHER] (pdsh)
+  --no-ssh           multi-node without ssh: run this script once on every node with
+                     --node-rank [DS_NO_SSH=1]
+  --node-rank R      this node's rank with --no-ssh [NODE_RANK]
+  --master-addr A    rendezvous host [MASTER_ADDR]; default 127.0.0.1 on one node,
+                     the first hostfile host otherwise
+  --master-port P    rendezvous port [MASTER_PORT] (29500)
+  --probe OUT_DIR    run launch/probe.py (all-reduce check) instead of training
+  --dry-run          print the command instead of running it
+  -h, --help         show this message
+
+Environment: SST_ROOT (repository root; default: this script's parent), SST_VENV (virtualenv;
+default $SST_ROOT/.venv, ignored when absent), DS_ACCELERATOR=cpu for CPU ranks (gloo).
+On several nodes the repository and the run's output directory must be on shared storage.
+
+Examples:
+  DS_ACCELERATOR=cpu launch/deepspeed.sh --num-gpus 2 launch/configs/debug.yaml
+  launch/deepspeed.sh --hostfile hosts.txt launch/configs/coco.yaml train.epochs=20 --resume
+EOF
+}
+
+die() { echo "deepspeed.sh: $*" >&2; echo "Run 'launch/deepspeed.sh --help' for usage." >&2; exit 2; }
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SST_ROOT=${SST_ROOT:-$(dirname "$SCRIPT_DIR")}
+SST_VENV=${SST_VENV:-$SST_ROOT/.venv}
+
+num_gpus=${NUM_GPUS:-}
+hostfile=${HOSTFILE:-}
+num_nodes=${NUM_NODES:-}
+launcher=${DS_LAUNCHER:-pdsh}
+no_ssh=${DS_NO_SSH:-0}
+node_rank=${NODE_RANK:-}
+master_addr=${MASTER_ADDR:-}
+master_port=${MASTER_PORT:-29500}
+probe_dir=""
+dry_run=0
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --num-gpus|--num_gpus) [[ $# -ge 2 ]] || die "$1 needs a value"; num_gpus=$2; shift 2 ;;
+    --hostfile) [[ $# -ge 2 ]] || die "$1 needs a value"; hostfile=$2; shift 2 ;;
+    --num-nodes|--num_nodes) [[ $# -ge 2 ]] || die "$1 needs a value"; num_nodes=$2; shift 2 ;;
+    --launcher) [[ $# -ge 2 ]] || die "$1 needs a value"; launcher=$2; shift 2 ;;
+    --no-ssh|--no_ssh) no_ssh=1; shift ;;
+    --node-rank|--node_rank) [[ $# -ge 2 ]] || die "$1 needs a value"; node_rank=$2; shift 2 ;;
+    --master-addr|--master_addr) [[ $# -ge 2 ]] || die "$1 needs a value"; master_addr=$2; shift 2 ;;
+    --master-port|--master_port) [[ $# -ge 2 ]] || die "$1 needs a value"; master_port=$2; shift 2 ;;
+    --probe) [[ $# -ge 2 ]] || die "$1 needs a value"; probe_dir=$2; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    --) shift; break ;;
+    -*) die "unknown option '$1' (options go before CONFIG)" ;;
+    *) break ;;
+  esac
+done
+
+is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
+[[ -z "$num_gpus" ]] || is_int "$num_gpus" || die "--num-gpus must be a positive integer, got '$num_gpus'"
+[[ -z "$num_nodes" ]] || is_int "$num_nodes" || die "--num-nodes must be a positive integer, got '$num_nodes'"
+is_int "$master_port" || die "--master-port must be an integer, got '$master_port'"
+[[ -z "$hostfile" || -f "$hostfile" ]] || die "hostfile '$hostfile' does not exist"
+
+# Python and launcher: the project's virtualenv when there is one, else whatever is on PATH.
+if [[ -x "$SST_VENV/bin/python" ]]; then
+  PYTHON="$SST_VENV/bin/python"
+  # Append, not prepend, the venv's bin: its tools (ninja, deepspeed) are found, yet a system ninja
+  # keeps winning when present. DeepSpeed JIT-builds its CPU comm op with the first ninja on PATH and
+  # ninja 1.11 and 1.13 hash commands differently, so mixing them rebuilds the shared op cache (~2 min).
+  case ":$PATH:" in *":$SST_VENV/bin:"*) ;; *) export PATH="$PATH:$SST_VENV/bin" ;; esac
+else
+  PYTHON=$(command -v python3 || command -v python) || die "no python found (set SST_VENV)"
+fi
+"$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed') is None)" \
+  || die "deepspeed is not installed for $PYTHON (set SST_VENV)"
+if [[ -x "$SST_VENV/bin/deepspeed" ]]; then
+  DEEPSPEED="$SST_VENV/bin/deepspeed"
+else
+  DEEPSPEED=$(command -v deepspeed) || die "the deepspeed launcher is not on PATH (set SST_VENV)"
+fi
+export PYTHONPATH="$SST_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ -n "$probe_dir" ]]; then
+  [[ $# -eq 0 ]] || die "--probe takes no CONFIG or overrides (got: $*)"
+  entry=("$SST_ROOT/launch/probe.py" --out "$probe_dir")
+  module_flag=()
+else
+  [[ $# -ge 1 ]] || die "missing CONFIG (a run-config YAML, e.g. launch/configs/debug.yaml)"
+  config=$1; shift
+  [[ -f "$config" ]] || die "config file '$config' does not exist"
+  entry=(sst_dist.cli train "$config" "$@")
+  module_flag=(--module)
+fi
+
+if [[ -z "$num_gpus" && -z "$hostfile" && "${DS_ACCELERATOR:-}" == "cpu" ]]; then
+  num_gpus=2
+fi
+
+ds_args=(--master_port "$master_port" --no_local_rank)
+if [[ -n "$num_gpus" ]]; then ds_args+=(--num_gpus "$num_gpus"); fi
+if [[ -n "$hostfile" ]]; then
+  ds_args+=(--hostfile "$hostfile" --launcher "$launcher")
+  if [[ -n "$num_nodes" ]]; then ds_args+=(--num_nodes "$num_nodes"); fi
+  if [[ -n "$master_addr" ]]; then ds_args+=(--master_addr "$master_addr"); fi
+  if [[ "$no_ssh" == 1 ]]; then
+    [[ -n "$node_rank" ]] || die "--no-ssh needs --node-rank (or NODE_RANK)"
+    [[ -n "$master_addr" ]] || die "--no-ssh needs --master-addr (or MASTER_ADDR)"
+    ds_args+=(--no_ssh --node_rank "$node_rank")
+  else
+    # Remote ranks get only PYTHON*-prefixed variables; hand over the ones we rely on too.
+    env_file=$(mktemp -t sst_ds_env.XXXXXX)
+    trap 'rm -f "$env_file"' EXIT
+    for var in DS_ACCELERATOR SST_ROOT SST_VENV SST_DATA_ROOT SST_OUTPUT_ROOT LOG_RANK OMP_NUM_THREADS \
+               CUDA_VISIBLE_DEVICES; do
+      if [[ -n "${!var:-}" ]]; then echo "$var=${!var}" >>"$env_file"; fi
+    done
+    export DS_ENV_FILE="$env_file"  # absolute: os.path.join(home, abs) keeps it as is
+  fi
+else
+  [[ -z "$num_nodes" || "$num_nodes" == 1 ]] || die "--num-nodes $num_nodes needs --hostfile"
+  if [[ -n "$master_addr" ]]; then ds_args+=(--master_addr "$master_addr"); fi
+fi
+
+cmd=("$DEEPSPEED" "${ds_args[@]}" "${module_flag[@]}" "${entry[@]}")
+echo "+ ${cmd[*]}" >&2
+if [[ $dry_run -eq 1 ]]; then
+  exit 0
+fi
+# `exec` would drop the EXIT trap that removes the env file; run as a child instead.
+"${cmd[@]}"

@@ -1,0 +1,312 @@
+"""A real one-node SLURM cluster (munged + slurmctld + slurmd) in a private directory.
+
+Why: the SLURM launch path (``launch/slurm/train.sbatch``) deserves a test against real
+``sbatch``/``srun``, not a mock, and users without a cluster can try it the same way. Everything
+(config, munge key, state, spool, logs, pid files) lives under one directory, the daemons use
+free ports, and they are stopped by the pids we started, so nothing system-wide is touched.
+
+Python::
+
+    with SlurmCluster(cpus=2) as cluster:
+        subprocess.run(["sbatch", ...], env=cluster.env)
+
+Shell::
+
+    python launch/slurm_cluster.py start --dir /tmp/sst-slurm   # prints `export SLURM_CONF=...`
+    python launch/slurm_cluster.py stop --dir /tmp/sst-slurm
+    python launch/slurm_cluster.py run -- sbatch --wait launch/slurm/train.sbatch CONFIG
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DAEMONS = ("munged", "slurmctld", "slurmd")
+_SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+
+
+def find_tool(name: str) -> str | None:
+    """Path of a SLURM/munge program; daemons live in sbin dirs that may be off PATH."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in _SBIN:
+        candidate = Path(d) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def missing_tools() -> list[str]:
+    """Programs this module needs that are not installed (see scripts/install_system_deps.sh)."""
+    return [t for t in (*DAEMONS, "sbatch", "srun", "sinfo", "scontrol") if find_tool(t) is None]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+class SlurmCluster:
+    """Start/stop a private one-node SLURM cluster; ``env`` points clients at it."""
+
+    def __init__(self, workdir: str | Path | None = None, cpus: int | None = None,
+                 partition: str = "debug", start_timeout: float = 90.0) -> None:
+        self.cpus = int(cpus or os.cpu_count() or 2)
+        if self.cpus < 1:
+            raise ValueError(f"cpus must be >= 1, got {self.cpus}")
+        self._own_dir = workdir is None
+        self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="sst-slurm-"))
+        self.partition = partition
+        self.start_timeout = start_timeout
+        self.host = socket.gethostname().split(".")[0]
+        self.conf = self.dir / "slurm.conf"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.pids: dict[str, int] = {}
+
+    # -- configuration -------------------------------------------------------------------------
+    @property
+    def env(self) -> dict[str, str]:
+        """The caller's environment plus SLURM_CONF and the sbin dirs on PATH."""
+        env = dict(os.environ)
+        env["SLURM_CONF"] = str(self.conf)
+        env["PATH"] = os.pathsep.join([env.get("PATH", ""), *_SBIN])
+        return env
+
+    def write_config(self) -> None:
+        """Write slurm.conf and the munge key; every path is under ``self.dir``."""
+        for sub in ("state", "spool", "log", "munge"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        os.chmod(self.dir / "munge", 0o700)
+        key = self.dir / "munge" / "munge.key"
+        if not key.exists():
+            key.write_bytes(secrets.token_bytes(1024))
+        os.chmod(key, 0o600)
+        user = os.environ.get("USER") or subprocess.run(
+            ["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+        d = self.dir
+        lines = [
+            "ClusterName=sstdist",
+            f"SlurmctldHost={self.host}(127.0.0.1)",
+            f"SlurmUser={user}",
+            f"SlurmdUser={user}",
+            f"SlurmctldPort={_free_port()}",
+            f"SlurmdPort={_free_port()}",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={d}/munge/munge.socket",
+            f"StateSaveLocation={d}/state",
+            f"SlurmdSpoolDir={d}/spool",
+            f"SlurmctldPidFile={d}/slurmctld.pid",
+            f"SlurmdPidFile={d}/slurmd.pid",
+            f"SlurmctldLogFile={d}/log/slurmctld.log",
+            f"SlurmdLogFile={d}/log/slurmd.log",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "MpiDefault=none",
+            "SchedulerType=sched/builtin",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/filetxt",
+            f"JobCompLoc={d}/log/jobcomp.txt",
+            "MinJobAge=3600",  # keep finished jobs visible to `scontrol show job`
+            "ReturnToService=2",
+            "SlurmdTimeout=120",
+            "KillWait=5",
+            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
+            f"PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
+        ]
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def _spawn(self, name: str, args: list[str], detach: bool) -> None:
+        exe = find_tool(name)
+        if exe is None:
+            raise FileNotFoundError(
+                f"{name} not found; install slurm-wlm and munge (scripts/install_system_deps.sh)")
+        out = open(self.dir / "log" / f"{name}.stdout", "ab")  # noqa: SIM115 (owned by the child)
+        proc = subprocess.Popen([exe, *args], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=self.env, start_new_session=detach)
+        out.close()
+        self.procs[name] = proc
+        self.pids[name] = proc.pid
+        time.sleep(0.3)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited at once with code {proc.returncode}:\n"
+                               f"{_tail(self.dir / 'log' / f'{name}.stdout')}\n"
+                               f"{_tail(self.dir / 'log' / f'{name}.log')}")
+
+    def start(self, detach: bool = False) -> SlurmCluster:
+        """Start munged, slurmctld, slurmd (foreground mode, so our pids are theirs); wait idle."""
+        missing = missing_tools()
+        if missing:
+            raise FileNotFoundError(f"missing programs {missing}; run scripts/install_system_deps.sh")
+        self.write_config()
+        m = self.dir / "munge"
+        try:
+            self._spawn("munged", ["-F", "--force", f"--key-file={m}/munge.key",
+                                   f"--socket={m}/munge.socket", f"--pid-file={m}/munged.pid",
+                                   f"--log-file={self.dir}/log/munged.log",
+                                   f"--seed-file={m}/munged.seed"], detach)
+            self._wait_for(lambda: (m / "munge.socket").exists(), "munged socket")
+            self._spawn("slurmctld", ["-D", "-c", "-f", str(self.conf)], detach)
+            self._spawn("slurmd", ["-D", "-f", str(self.conf), "-N", self.host], detach)
+            self._wait_for(self._node_idle, f"node {self.host} idle in sinfo")
+        except BaseException:
+            self.stop()
+            raise
+        (self.dir / "pids.json").write_text(json.dumps(self.pids))
+        return self
+
+    def _node_idle(self) -> bool:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} died with code {proc.returncode}:\n"
+                                   f"{_tail(self.dir / 'log' / f'{name}.log')}")
+        r = subprocess.run([find_tool("sinfo") or "sinfo", "-h", "-N", "-o", "%t", "-n", self.host],
+                           capture_output=True, text=True, env=self.env)
+        return r.returncode == 0 and r.stdout.strip().rstrip("*") == "idle"
+
+    def _wait_for(self, ready, what: str) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            time.sleep(0.5)
+        logs = "\n".join(f"--- {n}.log ---\n{_tail(self.dir / 'log' / f'{n}.log')}" for n in DAEMONS)
+        raise TimeoutError(f"timed out after {self.start_timeout:.0f}s waiting for {what}\n{logs}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the daemons we started, by pid: slurmd, slurmctld, then munged."""
+        pids = dict(self.pids)
+        if not pids and (self.dir / "pids.json").exists():
+            pids = json.loads((self.dir / "pids.json").read_text())
+        if "slurmctld" in pids:
+            self._cancel_jobs()
+        for name in reversed(DAEMONS):
+            pid = pids.get(name)
+            if pid is None:
+                continue
+            proc = self.procs.get(name)
+            _terminate(pid, proc, timeout)
+        self.procs.clear()
+        self.pids.clear()
+        (self.dir / "pids.json").unlink(missing_ok=True)
+
+    def _cancel_jobs(self, timeout: float = 20.0) -> None:
+        """Cancel this cluster's unfinished jobs so no task outlives its daemons."""
+        squeue, scancel = find_tool("squeue"), find_tool("scancel")
+        if squeue is None or scancel is None:
+            return
+        try:
+            jobs = subprocess.run([squeue, "-h", "-o", "%i"], capture_output=True, text=True, env=self.env,
+                                  timeout=10).stdout.split()
+            if not jobs:
+                return
+            subprocess.run([scancel, *jobs], env=self.env, timeout=10, capture_output=True)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                left = subprocess.run([squeue, "-h", "-o", "%i"], capture_output=True, text=True,
+                                      env=self.env, timeout=10).stdout.split()
+                if not left:
+                    return
+                time.sleep(0.5)
+        except (OSError, subprocess.SubprocessError):
+            return  # the controller is already gone: nothing left to ask
+
+    def cleanup(self) -> None:
+        """Remove the cluster directory when we created it (a caller's directory is kept)."""
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> SlurmCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _terminate(pid: int, proc: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM one pid, then SIGKILL if it outlives ``timeout``; reap it when it is our child."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None:
+            if proc.poll() is not None:
+                return
+        else:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+        time.sleep(0.2)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    if proc is not None:
+        proc.wait(timeout=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Start/stop a private one-node SLURM cluster.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_start = sub.add_parser("start", help="start the daemons in the background; print SLURM_CONF")
+    p_stop = sub.add_parser("stop", help="stop the daemons started with `start --dir DIR`")
+    p_run = sub.add_parser("run", help="start, run a command with SLURM_CONF set, stop")
+    for p in (p_start, p_stop, p_run):
+        p.add_argument("--dir", type=Path, default=None,
+                       help="cluster directory (start/run: default a new temp dir; stop: required)")
+    for p in (p_start, p_run):
+        p.add_argument("--cpus", type=int, default=None, help="CPUs of the node (default: nproc)")
+    p_run.add_argument("command", nargs=argparse.REMAINDER, help="command after --")
+    args = parser.parse_args(argv)
+
+    if args.cmd == "stop":
+        if args.dir is None or not (args.dir / "pids.json").exists():
+            parser.error(f"stop needs --dir of a started cluster (no pids.json in {args.dir})")
+        SlurmCluster(args.dir).stop()
+        print(f"stopped the cluster in {args.dir}")
+        return 0
+    cluster = SlurmCluster(args.dir, cpus=args.cpus)
+    if args.cmd == "start":
+        cluster.start(detach=True)
+        print(f"export SLURM_CONF={cluster.conf}")
+        print(f"# stop with: python {sys.argv[0]} stop --dir {cluster.dir}", file=sys.stderr)
+        return 0
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("run needs a command after --")
+    with cluster:
+        rc = subprocess.run(command, env=cluster.env).returncode
+    cluster.cleanup()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Shared helpers of the launcher tests (torchrun, deepspeed, SLURM): tools, env, run checks.
+
+These tests start real launchers as subprocesses and train the debug config end to end, then
+check what a run must leave behind. A workstation without a tool skips; CI (``CI=true``) must
+have every tool, so there a missing one fails instead of silently skipping.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG_CONFIG = ROOT / "launch" / "configs" / "debug.yaml"
+SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_or_skip(tool: str, why: str = "") -> str:
+    """Path of ``tool``; skip the test when absent, but fail under CI=true."""
+    path = shutil.which(tool, path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN_DIRS]))
+    if path is None:
+        venv_tool = Path(sys.executable).parent / tool
+        path = str(venv_tool) if venv_tool.is_file() else None
+    if path is None:
+        msg = f"{tool} not installed{': ' + why if why else ''} (see scripts/install_system_deps.sh)"
+        if in_ci():
+            pytest.fail(f"CI=true: {msg}")
+        pytest.skip(msg)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env(tmp: Path) -> dict[str, str]:
+    """Environment for a launched run: CPU ranks, the repo importable, outputs under ``tmp``."""
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", SST_ROOT=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               SST_DATA_ROOT=str(tmp / "data"), SST_OUTPUT_ROOT=str(tmp / "runs"))
+    env["SST_VENV"] = str(Path(sys.executable).parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("CUDA_VISIBLE_DEVICES", None)  # deepspeed's runner would otherwise try to honour it
+    return env
+
+
+def debug_overrides(tmp: Path, name: str) -> list[str]:
+    """Overrides that put the run's data and outputs in the test's temp dir."""
+    if not DEBUG_CONFIG.is_file():
+        pytest.fail(f"{DEBUG_CONFIG} is missing: the launcher tests train the debug config")
+    return [f"output.root={tmp / 'runs'}", f"output.name={name}", f"data.root={tmp / 'data' / 'debug'}"]
+
+
+def tail(text: str, n: int = 60) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+def check_run_outputs(run_dir: Path, world_size: int, epochs: int = 2) -> dict:
+    """What a finished run must leave: resolved config, metrics.jsonl with every epoch and an
+    evaluation, and a complete checkpoint of the last epoch written by ``world_size`` ranks."""
+    assert run_dir.is_dir(), f"run directory {run_dir} was not created"
+    config = run_dir / "config.yaml"
+    assert config.is_file() and config.stat().st_size > 0, f"resolved config {config} missing"
+    metrics = run_dir / "metrics.jsonl"
+    assert metrics.is_file(), f"{metrics} missing; run dir has {sorted(p.name for p in run_dir.iterdir())}"
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    epoch_recs = [r for r in records if r.get("kind") == "epoch"]
+    assert [r["epoch"] for r in epoch_recs] == list(range(epochs)), f"epoch records: {epoch_recs}"
+    assert all(math.isfinite(r["loss"]) for r in epoch_recs), f"non-finite loss: {epoch_recs}"
+    evals = [r for r in records if r.get("kind") == "eval"]
+    assert evals and all(0.0 <= r["mAP"] <= 1.0 for r in evals), f"eval records: {evals}"
+    ckpt_root = run_dir / "checkpoints"
+    latest = ckpt_root / "latest"
+    assert latest.is_file(), f"{latest} missing; checkpoints: {list(ckpt_root.glob('*'))}"
+    ckpt = ckpt_root / latest.read_text().strip()
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["world_size"] == world_size, f"checkpoint of world {meta['world_size']}, not {world_size}"
+    assert meta["epoch"] == epochs, f"last checkpoint is of epoch {meta['epoch']}, expected {epochs}"
+    missing = [f for f in meta.get("files", []) if not (ckpt / f).is_file()]
+    assert not missing, f"checkpoint {ckpt} lacks {missing}"
+    return {"records": records, "meta": meta, "checkpoint": ckpt}
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> subprocess.Popen:
+    """Start a launcher in its own process group (so a timeout can end all of its ranks)."""
+    out = open(log, "w")  # noqa: SIM115 (closed by finish)
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """SIGTERM then SIGKILL the process group this test started (its pgid is the launcher's pid)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait(timeout=10)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float, what: str) -> str:
+    """Wait for a started launcher; fail with its log's tail on timeout or a non-zero exit."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _end_group(proc)
+        pytest.fail(f"{what} timed out after {timeout:.0f}s:\n{tail(log.read_text(errors='replace'))}")
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+    out = log.read_text(errors="replace")
+    assert proc.returncode == 0, f"{what} exited {proc.returncode}:\n{tail(out)}"
+    return out
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """Cleanup for a finally: end whatever this test started and is still running."""
+    for proc in procs:
+        if proc.poll() is None:
+            _end_group(proc)
+
+
+def run_checked(cmd: list[str], env: dict[str, str], log: Path, timeout: float, cwd: Path = ROOT) -> str:
+    """Run a launcher to completion and return its output; fail with its tail otherwise."""
+    proc = start(cmd, env, log, cwd)
+    try:
+        return finish(proc, log, timeout, " ".join(cmd[:3]))
+    finally:
+        stop_all([proc])

@@ -1,0 +1,95 @@
+"""launch/deepspeed.sh end to end: `deepspeed --num_gpus 2` starts two CPU ranks (gloo) that
+train the debug config to completion; the run must leave its resolved config, metrics and a
+complete checkpoint written by a world of two.
+
+The first DeepSpeed start on a machine builds its CPU shared-memory comm op (about two minutes,
+cached in ~/.cache/torch_extensions afterwards), hence the generous timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from launch_support import (
+    DEBUG_CONFIG,
+    ROOT,
+    check_run_outputs,
+    debug_overrides,
+    finish,
+    free_port,
+    launch_env,
+    require_or_skip,
+    run_checked,
+    start,
+    stop_all,
+)
+
+TIMEOUT_S = 420
+
+
+@pytest.mark.slow
+def test_deepspeed_two_cpu_ranks_train_debug_config(tmp_path):
+    require_or_skip("deepspeed", "the DeepSpeed launcher")
+    require_or_skip("bash")
+    env = launch_env(tmp_path)
+    cmd = ["bash", str(ROOT / "launch" / "deepspeed.sh"), "--num-gpus", "2",
+           "--master-port", str(free_port()), str(DEBUG_CONFIG), *debug_overrides(tmp_path, "ds")]
+    out = run_checked(cmd, env, tmp_path / "deepspeed.log", TIMEOUT_S)
+
+    assert "--num_gpus 2" in out and "--module sst_dist.cli train" in out, out[:2000]
+    run = check_run_outputs(tmp_path / "runs" / "ds", world_size=2)
+    # the overrides reached the ranks: the resolved config names this run, not the default
+    resolved = (tmp_path / "runs" / "ds" / "config.yaml").read_text()
+    assert "name: ds" in resolved, resolved
+    assert run["meta"]["step"] > 0
+
+
+def test_deepspeed_sh_rejects_bad_input(tmp_path):
+    require_or_skip("bash")
+    script = str(ROOT / "launch" / "deepspeed.sh")
+    env = launch_env(tmp_path)
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", script, *args], env=env, capture_output=True, text=True, timeout=60)
+
+    ok = call("--help")
+    assert ok.returncode == 0 and "Usage: launch/deepspeed.sh" in ok.stdout
+    missing = call("--num-gpus", "2")
+    assert missing.returncode == 2 and "missing CONFIG" in missing.stderr
+    nofile = call(str(tmp_path / "nope.yaml"))
+    assert nofile.returncode == 2 and "nope.yaml' does not exist" in nofile.stderr
+    badnum = call("--num-gpus", "two", str(DEBUG_CONFIG))
+    assert badnum.returncode == 2 and "--num-gpus must be a positive integer" in badnum.stderr
+    # dry run: overrides and --resume pass through unchanged, after the module entry point
+    dry = call("--dry-run", "--num-gpus", "2", str(DEBUG_CONFIG), "train.epochs=3", "--resume")
+    assert dry.returncode == 0, dry.stderr
+    assert f"--module sst_dist.cli train {DEBUG_CONFIG} train.epochs=3 --resume" in dry.stderr
+
+
+@pytest.mark.slow
+def test_deepspeed_hostfile_two_nodes_without_ssh(tmp_path):
+    """The multi-node path: a two-host hostfile, one launcher per "node" (--no-ssh --node-rank),
+    each rank of the probe all-reduces its rank+1 across both nodes."""
+    require_or_skip("deepspeed", "the DeepSpeed launcher")
+    require_or_skip("bash")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port, out_dir = free_port(), tmp_path / "probe"
+    procs: list[subprocess.Popen] = []
+    try:
+        for node in (0, 1):
+            cmd = ["bash", str(ROOT / "launch" / "deepspeed.sh"), "--hostfile", str(hostfile), "--no-ssh",
+                   "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                   "--probe", str(out_dir)]
+            procs.append(start(cmd, launch_env(tmp_path), tmp_path / f"node{node}.log"))
+        for node, proc in enumerate(procs):
+            finish(proc, tmp_path / f"node{node}.log", 180, f"deepspeed node {node}")
+    finally:
+        stop_all(procs)
+    results = sorted((json.loads(p.read_text()) for p in out_dir.glob("rank*.json")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == [0, 1], results
+    for r in results:
+        assert r["world_size"] == 2 and r["local_rank"] == 0 and r["backend"] == "gloo", r
+        assert r["allreduce_sum"] == 3.0, r

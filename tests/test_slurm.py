@@ -1,0 +1,106 @@
+"""launch/slurm/train.sbatch on a real one-node SLURM cluster (launch/slurm_cluster.py): sbatch
+with two tasks trains the debug config end to end; the job must end COMPLETED with exit code 0
+(scontrol and the job-completion log) and leave a complete run written by a world of two.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from launch_support import (
+    DEBUG_CONFIG,
+    ROOT,
+    check_run_outputs,
+    debug_overrides,
+    launch_env,
+    require_or_skip,
+    tail,
+)
+
+TIMEOUT_S = 360
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+            "DEADLINE", "PREEMPTED"}
+
+
+def _slurm_cluster_module():
+    spec = importlib.util.spec_from_file_location("slurm_cluster", ROOT / "launch" / "slurm_cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _job_fields(job_id: str, env: dict[str, str]) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, f"scontrol show job {job_id} failed: {out.stderr}"
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def _wait_for_job(job_id: str, env: dict[str, str], timeout: float, log: Path) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fields = _job_fields(job_id, env)
+        if fields.get("JobState") in TERMINAL:
+            return fields
+        time.sleep(2)
+    subprocess.run(["scancel", job_id], env=env, timeout=30)
+    text = log.read_text(errors="replace") if log.exists() else "(no job output yet)"
+    pytest.fail(f"SLURM job {job_id} did not finish within {timeout}s:\n{tail(text)}")
+
+
+@pytest.mark.slow
+def test_sbatch_two_tasks_train_debug_config(tmp_path):
+    for tool in ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "scancel"):
+        require_or_skip(tool, "a one-node SLURM cluster")
+    cluster = _slurm_cluster_module().SlurmCluster(tmp_path / "slurm", cpus=2)
+    try:
+        cluster.start()
+        env = {**launch_env(tmp_path), "SLURM_CONF": str(cluster.conf)}
+        job_log = tmp_path / "job.out"
+        cmd = ["sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", f"--output={job_log}",
+               str(ROOT / "launch" / "slurm" / "train.sbatch"), str(DEBUG_CONFIG),
+               *debug_overrides(tmp_path, "sl")]
+        submit = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert submit.returncode == 0, f"sbatch failed: {submit.stderr}"
+        job_id = submit.stdout.strip().split(";")[0]
+        fields = _wait_for_job(job_id, env, TIMEOUT_S, job_log)
+        out = job_log.read_text(errors="replace")
+        assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}\n{tail(out)}"
+        assert fields["NumTasks"] == "2", fields
+        completion = (cluster.dir / "log" / "jobcomp.txt").read_text()
+        assert re.search(rf"JobId={job_id} .*JobState=COMPLETED", completion), completion
+    finally:
+        cluster.stop()
+
+    assert re.search(r"2 task\(s\) \(2 per node\), master \S+:\d+, accelerator cpu", out), tail(out)
+    run = check_run_outputs(tmp_path / "runs" / "sl", world_size=2)
+    train_log = (tmp_path / "runs" / "sl" / "train.log").read_text()
+    assert "2 rank(s) via slurm" in train_log, train_log[:2000]
+    assert run["meta"]["step"] > 0
+
+
+def test_sbatch_script_refuses_to_run_outside_slurm(tmp_path):
+    require_or_skip("bash")
+    env = {k: v for k, v in launch_env(tmp_path).items() if not k.startswith("SLURM_")}
+    script = str(ROOT / "launch" / "slurm" / "train.sbatch")
+    helped = subprocess.run(["bash", script, "--help"], env=env, capture_output=True, text=True, timeout=30)
+    assert helped.returncode == 0 and "one task per GPU" in helped.stdout
+    outside = subprocess.run(["bash", script, str(DEBUG_CONFIG)], env=env, capture_output=True, text=True,
+                             timeout=30)
+    assert outside.returncode == 2 and "not inside a SLURM job" in outside.stderr
+
+
+def test_missing_tool_skips_on_a_workstation_but_fails_in_ci(monkeypatch):
+    tool = "sst-dist-no-such-tool"
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=tool):
+        require_or_skip(tool)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=f"CI=true: {tool} not installed"):
+        require_or_skip(tool)
+    assert require_or_skip("bash").endswith("bash")
