@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_shards import format as fmt
 from data_shards.loaders import augment as aug
-from data_shards.loaders.common import BaseLoader, SampleReader, ShardSet, check_label, jpeg_is_valid
+from data_shards.loaders.common import BaseLoader, SampleReader, ShardSet, check_label, jpeg_markers_ok
 
 
 def decode_batch(datas: list[bytes], index: np.ndarray, cfg: aug.AugConfig, train: bool, seed: int,
@@ -28,10 +28,9 @@ def decode_batch(datas: list[bytes], index: np.ndarray, cfg: aug.AugConfig, trai
     params = aug.train_params(cfg, seed, epoch, index) if train else None
     arrays, kept, skipped = [], [], []
     for j, (data, i) in enumerate(zip(datas, index.tolist())):
-        if not jpeg_is_valid(data):
-            skipped.append(i)
-            continue
         try:
+            if not jpeg_markers_ok(data):
+                raise ValueError("JPEG start/end marker missing")
             im = aug.pil_decode(data)
         except Exception:
             skipped.append(i)
