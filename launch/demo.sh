@@ -65,8 +65,8 @@ sst() { "$PYTHON" -m sst_dist.cli "$@"; }
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 data_dir=$out/data
-run_root=$out/runs
-run_name=demo
+run_root=$out
+run_name=train
 run_dir=$run_root/$run_name
 run_overrides=("data.root=$data_dir" "data.synthetic.enabled=false" "output.root=$run_root"
                "output.name=$run_name" "${overrides[@]}")
