@@ -29,5 +29,5 @@ class GatedGNN(nn.Module):
             z = torch.sigmoid(self.w_z(m) + self.u_z(h))
             r = torch.sigmoid(self.w_r(m) + self.u_r(h))
             h_new = torch.tanh(self.w_h(m) + self.u_h(r * h))
-            h = torch.lerp(h, h_new, z)  # (1-z) h + z h~
+            h = h + z * (h_new - h)  # (1-z) h + z h~; promotes mixed dtypes under autocast
         return h

@@ -1,0 +1,93 @@
+"""Full SST training step on one device: impl reference vs fused vs triton, side by side.
+
+Images/s of forward (backbone + heads), both kinds of pseudo labels, bank update, all losses,
+backward and an Adam step, at the COCO shape (ResNet-101, 448, C=80) under bf16 autocast on a
+GPU. The impls run interleaved on the same model and batch, so their ratio is what to read.
+Runs on CPU too (small shapes) so the script is known to work before a GPU session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from heads import post_backbone_loss  # noqa: E402
+
+from sst_dist.model import ModelConfig, SSTModel, cooccurrence_adjacency  # noqa: E402
+
+
+def step_seconds(model: SSTModel, opt, images, labels, impl: str, dtype, device) -> float:
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        X = model.backbone_features(images)
+        loss = post_backbone_loss(model, X.float() if impl == "reference" else X, labels, impl)
+    loss.float().backward()
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="resnet101")
+    p.add_argument("--image-size", type=int, default=448)
+    p.add_argument("--classes", type=int, default=80)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--impls", nargs="+", default=["reference", "fused", "triton"])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    partial = torch.randint(-1, 2, (500, args.classes), generator=g)
+    labels = torch.randint(-1, 2, (args.batch, args.classes), generator=g).to(device)
+    torch.manual_seed(0)
+    model = SSTModel(ModelConfig(num_classes=args.classes, backbone=args.backbone, freeze="layer4"),
+                     cooccurrence_adjacency(partial)).to(device).train()
+    with torch.no_grad():  # a filled bank, so the similarities are real work
+        model.bank.update(torch.randn(128, args.classes, model.cfg.feature_dim, device=device),
+                          torch.ones(128, args.classes, device=device))
+    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-5, fused=True)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    times: dict[str, list[float]] = {impl: [] for impl in args.impls}
+    for r in range(args.warmup + args.repeats):
+        for impl in args.impls:  # interleaved
+            t = step_seconds(model, opt, images, labels, impl, dtype, device)
+            if r >= args.warmup:
+                times[impl].append(t)
+    med = {impl: statistics.median(ts) for impl, ts in times.items()}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"full SST step on {name}, {args.backbone} at {args.image_size}, B={args.batch}, "
+          f"C={args.classes}, {args.precision}; medians of {args.repeats}, interleaved")
+    print(f"{'impl':>10} {'s/step':>9} {'img/s':>9} {'vs reference':>13}")
+    for impl, t in med.items():
+        ratio = med["reference"] / t if "reference" in med else float("nan")
+        print(f"{impl:>10} {t:9.4f} {args.batch / t:9.1f} {ratio:12.2f}x")
+    out = args.out or f"benchmarks/results/gpu-step-{name.replace(' ', '_')}-{dt.date.today()}.json"
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump({"device": name, "date": str(dt.date.today()), "args": vars(args), "seconds": times,
+                   "median_s": med}, fh, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
