@@ -14,6 +14,8 @@ import functools
 
 import torch
 
+from kernels._autocast import float32_outside_cuda_autocast
+
 # Elements in one (D,B*S,Cc) working slab. Small enough that a slab is a few MiB, large enough that
 # the per-chunk overhead is negligible at COCO sizes (B=8,S=49,D=512 -> about 20 classes a chunk).
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
@@ -120,4 +122,5 @@ def semantic_attention_torch(
     chunk = _class_chunk(B, S, V.shape[0], D, chunk_elements)
     dtype = functools.reduce(torch.promote_types, (U.dtype, V.dtype, a.dtype, X.dtype))  # e.g. autocast
     U, V, a, X = (t.to(dtype).contiguous() for t in (U, V, a, X))
-    return _SemanticAttention.apply(U, V, a, X, chunk)
+    with float32_outside_cuda_autocast(U) as cast:
+        return _SemanticAttention.apply(*cast(U, V, a, X), chunk)

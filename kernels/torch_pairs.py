@@ -16,6 +16,8 @@ import functools
 
 import torch
 
+from kernels._autocast import float32_outside_cuda_autocast
+
 # Elements in one (rows, cols, B, D) working block (COCO, B=8, D=1024: about 500 pairs a block).
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
@@ -140,4 +142,6 @@ def pair_cooccurrence_torch(
         raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
     dtype = functools.reduce(torch.promote_types, (U.dtype, V.dtype, A.dtype, beta.dtype, c.dtype))
     U, V, A, beta, c = (t.to(dtype) for t in (U, V, A, beta, c))
-    return _PairCooccurrence.apply(U, V, A.contiguous(), beta, c, chunk_elements)
+    with float32_outside_cuda_autocast(U) as cast:
+        U, V, A, beta, c = cast(U, V, A, beta, c)
+        return _PairCooccurrence.apply(U, V, A.contiguous(), beta, c, chunk_elements)
