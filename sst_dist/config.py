@@ -127,6 +127,7 @@ class TrainConfig:
     seed: int = 0
     max_bad_steps: int = 5
     max_steps_per_epoch: int = 0
+    init_from: str = ""  # weights to start from: a `sst-dist convert-checkpoint` output (official SST)
     log_every: int = 10
     eval_every: int = 1
     progress: bool = True
@@ -154,6 +155,11 @@ class TrainConfig:
         _check(self.clip_grad >= 0, f"{prefix}.clip_grad", f"must be >= 0 (0 = off), got {self.clip_grad}")
         _check(
             self.max_steps_per_epoch >= 0, f"{prefix}.max_steps_per_epoch", "must be >= 0 (0 = whole epoch)"
+        )
+        _check(
+            not self.init_from or os.path.isfile(os.path.expanduser(self.init_from)),
+            f"{prefix}.init_from",
+            f"file not found: {self.init_from}",
         )
 
 

@@ -183,6 +183,35 @@ def build_model(state: dict[str, torch.Tensor], info: dict[str, Any], **override
     return model
 
 
+def load_converted_into(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Load a ``convert-checkpoint`` output (or a bare state dict of our names) into ``model``.
+
+    Everything but the memory bank must fit: the official model's adjacency, label embeddings
+    and weights replace the fresh model's, so evaluation and fine-tuning start from it exactly.
+    Returns the file's ``info`` (empty for a bare state dict).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"converted checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle errors come in many types
+        raise ValueError(f"{path}: not a converted SST checkpoint ({e})") from e
+    state = payload.get("model", payload) if isinstance(payload, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected {{'model': state_dict, ...}} or a state dict")
+    # the memory bank is training state (its size is the run's choice), not a weight
+    state = {k: v for k, v in state.items() if not k.startswith("bank.")}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("bank.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not fit the configured model (check model.* against its model_config "
+            f"{payload.get('model_config')}): missing {missing[:8]}, unexpected {result.unexpected_keys[:8]}"
+        )
+    return dict(payload.get("info", {})) if "model" in payload else {}
+
+
 def _run(args: argparse.Namespace) -> int:
     state, info = convert_reference_checkpoint(args.input, trust_pickle=args.trust_pickle)
     model = build_model(state, info)  # proves the result loads; fills the (empty) memory bank

@@ -1,7 +1,9 @@
 """``sst-dist eval CHECKPOINT [key.sub=value ...]``: evaluate a checkpoint on the test split.
 
-CHECKPOINT is a checkpoint directory (``.../checkpoints/epoch_0003``) or a run directory (its
-``latest`` checkpoint is used). The run's saved ``config.yaml`` gives the model and data; overrides
+CHECKPOINT is a checkpoint directory (``.../checkpoints/epoch_0003``), a run directory (its
+``latest`` checkpoint is used), or a file written by ``sst-dist convert-checkpoint`` (an
+official SST model; then ``--config`` names the run config that gives the data and model). A
+run's saved ``config.yaml`` gives the model and data; overrides
 change e.g. ``data.root`` or ``data.test_split``. Runs on any number of ranks (same launchers
 as training); scores are gathered in dataset order, rank 0 prints the table and writes the
 per-class AP JSON/PNG into ``--out`` (default: the checkpoint directory).
@@ -30,6 +32,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
         f"{p} is neither a checkpoint directory (with meta.json) nor a run directory "
         "(with checkpoints/latest)"
     )
+
+
+def load_converted_model(
+    path: str | Path, config: str | None, overrides: list[str] | None
+) -> tuple[Any, Any, dict]:
+    """(SSTModel with an imported official model's weights, RunConfig, meta) for evaluation."""
+    from sst_dist.config import load_config
+    from sst_dist.convert import load_converted_into
+    from sst_dist.model.sst import SSTModel
+
+    if not config:
+        raise ValueError(f"{path} is a single file (a converted checkpoint): pass --config RUN_CONFIG")
+    cfg = load_config(config, overrides)
+    C = cfg.model.num_classes
+    model = SSTModel(cfg.model, torch.zeros(C, C))
+    info = load_converted_into(model, path)
+    model.eval()
+    return model, cfg, {"class_names": None, "epoch": info.get("epoch")}
 
 
 def load_checkpoint_model(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, Any, dict]:
@@ -65,7 +85,8 @@ def load_checkpoint_model(path: str | Path, overrides: list[str] | None = None) 
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint directory or run directory")
+    parser.add_argument("checkpoint", help="checkpoint directory, run directory or converted checkpoint file")
+    parser.add_argument("--config", default=None, help="run config (needed for a converted checkpoint file)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of the run's config")
     parser.add_argument(
         "--out", type=Path, default=None, help="where to write ap_*.json/png (default: checkpoint)"
@@ -82,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
     from sst_dist.train.logging_utils import setup_logging
 
     try:
-        model, cfg, meta = load_checkpoint_model(args.checkpoint, args.overrides)
+        if Path(args.checkpoint).is_file():
+            model, cfg, meta = load_converted_model(args.checkpoint, args.config, args.overrides)
+        else:
+            model, cfg, meta = load_checkpoint_model(args.checkpoint, args.overrides)
     except (FileNotFoundError, ValueError) as e:
         print(f"sst-dist eval: {e}", file=sys.stderr)
         return 2
@@ -103,14 +127,14 @@ def run(args: argparse.Namespace) -> int:
         backend=d.backend,
         num_classes=cfg.model.num_classes,
     )
-    ckpt = resolve_checkpoint(args.checkpoint)
+    ckpt = Path(args.checkpoint) if Path(args.checkpoint).is_file() else resolve_checkpoint(args.checkpoint)
     result = evaluate_model(
         model,
         loader,
         torch.device("cpu"),
         torch.float32,
-        args.out or ckpt,
-        f"{ckpt.name}_{d.test_split}",
+        args.out or (ckpt.parent if ckpt.is_file() else ckpt),
+        f"{ckpt.stem}_{d.test_split}",
         meta.get("class_names"),
         args.max_batches,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -120,6 +121,10 @@ class Trainer:
         self.steps_per_epoch = self._steps_per_epoch()
 
         model = SSTModel(cfg.model, data.adjacency)
+        if cfg.train.init_from:  # fine-tune an imported official model (convert-checkpoint output)
+            from sst_dist.convert import load_converted_into
+
+            load_converted_into(model, os.path.expanduser(cfg.train.init_from))
         model.to(self.device)  # before the BN conversion: it picks torch's SyncBatchNorm on CUDA
         D.convert_batchnorm(model, cfg.train.batchnorm)
         model.to(self.device)

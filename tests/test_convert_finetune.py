@@ -1,0 +1,57 @@
+"""An official SST checkpoint, once converted, starts training and evaluation here exactly."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from test_convert import C, D, E, F, H, reference_state_dict
+
+from sst_dist.cli import main as cli_main
+from sst_dist.config import ConfigError, load_config
+
+DEBUG = Path(__file__).resolve().parents[1] / "launch" / "configs" / "debug.yaml"
+
+
+def overrides(tmp: Path, converted: Path) -> list[str]:
+    return [
+        f"model.num_classes={C}", f"data.synthetic.num_classes={C}", f"model.feature_dim={F}",
+        f"model.inter_dim={H}", f"model.out_dim={D}", f"model.embed_dim={E}", "model.time_steps=3",
+        f"data.root={tmp / 'data'}", f"output.root={tmp / 'runs'}", "output.tensorboard=false",
+        "train.epochs=1", "train.max_steps_per_epoch=2", f"train.init_from={converted}",
+    ]
+
+
+@pytest.fixture(autouse=True)
+def cpu_deepspeed(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+
+def test_converted_checkpoint_initializes_finetuning_and_evaluates(tmp_path, capsys):
+    from sst_dist.train.trainer import Trainer
+
+    src, converted = tmp_path / "official.pth", tmp_path / "sst.pt"
+    torch.save({"state_dict": reference_state_dict(), "epoch": 3}, src)
+    assert cli_main(["convert-checkpoint", str(src), str(converted)]) == 0
+    want = torch.load(converted, weights_only=True)["model"]
+
+    trainer = Trainer(load_config(DEBUG, overrides(tmp_path, converted)))
+    got = trainer.model.state_dict()
+    for k, v in want.items():
+        if not k.startswith("bank."):
+            assert torch.equal(got[k].to(v.dtype), v), k
+    trainer.train()  # fine-tuning runs from the imported weights
+    assert not torch.equal(trainer.model.state_dict()["classifier.weight"], want["classifier.weight"])
+
+    args = ["eval", str(converted), *overrides(tmp_path, converted), "--config", str(DEBUG)]
+    assert cli_main(args) == 0
+    res = json.loads([x for x in capsys.readouterr().out.splitlines() if x.startswith("{")][-1])
+    assert 0 <= res["mAP"] <= 1 and res["checkpoint"] == str(converted)
+    assert cli_main(["eval", str(converted)]) == 2  # a file needs --config
+
+
+def test_init_from_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="train.init_from"):
+        load_config(DEBUG, [f"train.init_from={tmp_path / 'missing.pt'}"])
+    assert not os.path.exists(tmp_path / "missing.pt")
