@@ -22,3 +22,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_environment():
+    """In-process trainers export RANK/MASTER_PORT/... into os.environ; a later module's
+    subprocesses (an sbatch job exports the whole environment) would then reuse a port this
+    process still holds. Every test module starts from the environment the session had."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -24,8 +24,14 @@ def overrides(tmp: Path, converted: Path) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def cpu_deepspeed(monkeypatch):
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+def cpu_deepspeed_env():
+    """The trainer exports RANK/MASTER_PORT/... into os.environ: restore it afterwards, or later
+    tests' subprocesses (sbatch exports the environment) would reuse this process's port."""
+    saved = dict(os.environ)
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_converted_checkpoint_initializes_finetuning_and_evaluates(tmp_path, capsys):
