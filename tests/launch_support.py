@@ -48,6 +48,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """Environment of one hand-started CPU rank (what a launcher would export), 1 thread each."""
+    env = dict(
+        os.environ,
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
 def launch_env(tmp: Path) -> dict[str, str]:
     """Environment for a launched run: CPU ranks, the repo importable, outputs under ``tmp``."""
     env = dict(os.environ)

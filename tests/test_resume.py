@@ -11,7 +11,6 @@ synchronized generator as run A, within 1e-6.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_support import rank_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "launch" / "configs" / "debug.yaml"
@@ -37,18 +37,7 @@ def _start(tmp: Path, name: str, resume: bool = False) -> list[subprocess.Popen]
     port = _port()
     procs = []
     for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            DS_ACCELERATOR="cpu",
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        )
-        env.pop("CUDA_VISIBLE_DEVICES", None)
+        env = rank_env(rank, 2, port)
         cmd = [
             sys.executable,
             "-m",

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_support import rank_env
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -38,18 +39,7 @@ def _run_workers(mode: str, world: int, out: Path, timeout: float = 300) -> None
     port = _port()
     procs = []
     for rank in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            DS_ACCELERATOR="cpu",
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        )
-        env.pop("CUDA_VISIBLE_DEVICES", None)
+        env = rank_env(rank, world, port)
         log = open(out / f"{mode}-w{world}-r{rank}.log", "w")  # noqa: SIM115
         procs.append(
             (
