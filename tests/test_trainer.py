@@ -190,3 +190,8 @@ def test_eval_and_predict_commands(run, capsys):
         assert set(r["labels"]) == {n for n, s in r["scores"].items() if s >= 0.5}
     assert main(["predict", str(tr.run_dir), str(tmp / "missing.jpg")]) == 2
     assert main(["eval", str(tmp / "nowhere")]) == 2
+    # the ``best``/``latest`` pointer files name a checkpoint too (not a converted model file)
+    best = tr.run_dir / "checkpoints" / "best"
+    assert main(["eval", str(best), "--out", str(tmp / "evalbest")]) == 0
+    res = json.loads([x for x in capsys.readouterr().out.splitlines() if x.startswith("{")][-1])
+    assert res["checkpoint"].endswith(best.read_text().strip())

@@ -146,13 +146,20 @@ def init_distributed(backend: str | None = None, timeout_s: int = 600) -> DistEn
     if not dist.is_initialized():
         _skip_shm_op_unless_asked()
         if backend is None:
-            backend = (
-                "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "gloo"
-            )
+            backend = "nccl" if local_device().type == "cuda" else "gloo"
         deepspeed.init_distributed(
             dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=timeout_s)
         )
     return DistEnv(env.rank, env.world_size, env.local_rank, env.master_addr, port, env.launcher)
+
+
+def local_device() -> torch.device:
+    """This rank's device: its GPU (made current) unless there is none or DS_ACCELERATOR=cpu."""
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
 
 
 def world_size() -> int:

@@ -1,12 +1,13 @@
 """``sst-dist eval CHECKPOINT [key.sub=value ...]``: evaluate a checkpoint on the test split.
 
-CHECKPOINT is a checkpoint directory (``.../checkpoints/epoch_0003``), a run directory (its
-``latest`` checkpoint is used), or a file written by ``sst-dist convert-checkpoint`` (an
-official SST model; then ``--config`` names the run config that gives the data and model). A
-run's saved ``config.yaml`` gives the model and data; overrides
-change e.g. ``data.root`` or ``data.test_split``. Runs on any number of ranks (same launchers
-as training); scores are gathered in dataset order, rank 0 prints the table and writes the
-per-class AP JSON/PNG into ``--out`` (default: the checkpoint directory).
+CHECKPOINT is a checkpoint directory (``.../checkpoints/epoch_0003``), a pointer file
+(``.../checkpoints/best`` or ``latest``), a run directory (its ``latest`` checkpoint is used),
+or a file written by ``sst-dist convert-checkpoint`` (an official SST model; then ``--config``
+names the run config that gives the data and model). A run's saved ``config.yaml`` gives the
+model and data; overrides change e.g. ``data.root`` or ``data.test_split``. Runs on any number
+of ranks (same launchers as training), each on its GPU when there is one; scores are gathered in
+dataset order, rank 0 prints the table and writes the per-class AP JSON/PNG into ``--out``
+(default: the checkpoint directory).
 """
 
 from __future__ import annotations
@@ -20,11 +21,25 @@ from typing import Any
 import torch
 
 
+def is_pointer(path: Path) -> bool:
+    """A ``checkpoints/best`` or ``checkpoints/latest`` file naming a sibling checkpoint directory."""
+    if not (path.is_file() and path.name in ("best", "latest")):
+        return False
+    return (path.parent / path.read_text().strip()).is_dir()
+
+
+def is_converted_file(path: str | Path) -> bool:
+    """A single file that is not a pointer: what ``sst-dist convert-checkpoint`` writes."""
+    return Path(path).is_file() and not is_pointer(Path(path))
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory for a checkpoint or run directory; clear error otherwise."""
+    """The checkpoint directory for a checkpoint directory, pointer file or run directory."""
     p = Path(path)
     if (p / "meta.json").is_file():
         return p
+    if is_pointer(p):
+        return p.parent / p.read_text().strip()
     pointer = p / "checkpoints" / "latest"
     if pointer.is_file():
         return p / "checkpoints" / pointer.read_text().strip()
@@ -103,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from sst_dist.train.logging_utils import setup_logging
 
     try:
-        if Path(args.checkpoint).is_file():
+        if is_converted_file(args.checkpoint):
             model, cfg, meta = load_converted_model(args.checkpoint, args.config, args.overrides)
         else:
             model, cfg, meta = load_checkpoint_model(args.checkpoint, args.overrides)
@@ -112,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     D.init_distributed()
     setup_logging()
+    device = D.local_device()
+    model.to(device)
     d = cfg.data
     loader = build_loader(
         d.root,
@@ -127,13 +144,14 @@ def run(args: argparse.Namespace) -> int:
         backend=d.backend,
         num_classes=cfg.model.num_classes,
     )
-    ckpt = Path(args.checkpoint) if Path(args.checkpoint).is_file() else resolve_checkpoint(args.checkpoint)
+    converted = is_converted_file(args.checkpoint)
+    ckpt = Path(args.checkpoint) if converted else resolve_checkpoint(args.checkpoint)
     result = evaluate_model(
         model,
         loader,
-        torch.device("cpu"),
+        device,
         torch.float32,
-        args.out or (ckpt.parent if ckpt.is_file() else ckpt),
+        args.out or (ckpt.parent if converted else ckpt),
         f"{ckpt.stem}_{d.test_split}",
         meta.get("class_names"),
         args.max_batches,

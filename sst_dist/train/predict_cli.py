@@ -51,10 +51,12 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"sst-dist predict: {e}", file=sys.stderr)
         return 2
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
     names = meta.get("class_names") or [f"class_{i}" for i in range(cfg.model.num_classes)]
     for start in range(0, len(images), args.batch_size):
-        batch = torch.stack(images[start : start + args.batch_size])
-        logits = model(batch).logits
+        batch = torch.stack(images[start : start + args.batch_size]).to(device)
+        logits = model(batch).logits.float().cpu()
         for path, row in zip(args.images[start : start + args.batch_size], logits):
             scores = torch.sigmoid(row).tolist()
             print(

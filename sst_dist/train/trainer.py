@@ -106,11 +106,8 @@ class Trainer:
             cfg.train.zero_stage,
         )
         seed_everything(cfg.train.seed)
-        self.device = torch.device("cpu")
-        if torch.cuda.is_available() and not _cpu_forced():
-            self.device = torch.device("cuda", self.env.local_rank)
-            torch.cuda.set_device(self.device)
-        else:
+        self.device = D.local_device()
+        if self.device.type == "cpu":
             D.share_cpu_threads()
         self.dtype = DTYPES[cfg.train.precision]
         if data is None:
@@ -353,8 +350,3 @@ def _cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
             if buf is not None and buf.is_floating_point() and not full.startswith("bank."):
                 mod._buffers[key] = buf.to(dtype)
 
-
-def _cpu_forced() -> bool:
-    import os
-
-    return os.environ.get("DS_ACCELERATOR", "") == "cpu"
