@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of the project in one call (at most about 9 minutes on an H100):
+# Every GPU check and benchmark of the project in one call (about 6 minutes on an H100):
 #   1. the gpu-marked tests (Triton kernels at real shapes, GPU decoding, CUDA model paths);
 #   2. a real DeepSpeed training run on the GPU (NCCL, bf16, Triton heads, GPU JPEG decode),
 #      started by launch/deepspeed.sh, then `sst-dist eval` of its best checkpoint;
-#   3. kernels/bench.py: each Triton kernel vs the fused torch form vs torch.compile;
+#   3. kernels/bench.py: each Triton kernel vs the fused torch form vs the reference;
 #   4. benchmarks/gpu_step.py: the full training step, impl reference vs fused vs triton (bf16);
-#   5. `sst-dist profile` at the COCO shape (ResNet-101, 448 px, B=32).
+#   5. `sst-dist profile` at the COCO shape (ResNet-101, 448 px, B=32) under bf16, bf16-autocast
+#      and fp32 (steps profile, profile-autocast, profile-fp32).
 # Each step has its own time limit, and a failing step does not stop the next.
 # Results go to $GPU_RESULTS (default /tmp/sst-gpu) and are packed into
 # ${OUT:-benchmarks/results}/gpu-results.tgz (checkpoints left out); the summary is printed last.
 # Packages the image lacks (deepspeed, webdataset, pycocotools, ...) travel as wheels in .whl/
 # (see docs/performance.md, "GPU checks"); DALI's wheel is too large to travel.
-# Usage: bash benchmarks/gpu_checks.sh   (PYTHON=... picks the interpreter)
+# Usage: bash benchmarks/gpu_checks.sh [STEP ...]   (default: all; PYTHON=... picks the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -42,26 +43,34 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RES
 card=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 day=$(date +%F)
 
-step gpu-tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
-step gpu-train 110 bash -c "launch/deepspeed.sh --num-gpus 1 launch/configs/demo.yaml \
-    model.impl=triton train.precision=bf16 data.backend=torch-gpu data.num_workers=4 \
-    output.name=gpu-demo train.progress=false \
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+STEPS=${*:-gpu-tests gpu-train kernels gpu-step profile profile-autocast profile-fp32}
+# the COCO shape on synthetic 80-class scenes (generated once into $SST_DATA_ROOT)
+PROFILE=(launch/configs/coco2014.yaml model.pretrained=null data.synthetic.enabled=true
+  data.synthetic.num_classes=80 data.synthetic.image_size=448 data.synthetic.num_train=320
+  data.synthetic.num_test=32 data.backend=torch-gpu data.num_workers=8 train.batch_size=32)
+
+want gpu-tests && step gpu-tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+want gpu-train && step gpu-train 110 bash -c "launch/deepspeed.sh --num-gpus 1 launch/configs/demo.yaml \
+    train.precision=bf16 data.backend=torch-gpu data.num_workers=4 output.name=gpu-demo \
   && $PY -m sst_dist.cli eval $RES/runs/gpu-demo/checkpoints/best --out $RES/gpu-eval"
-step kernels 160 "$PY" -m kernels.bench --budget-s 50 --out "$RES"
-step gpu-step 100 "$PY" benchmarks/gpu_step.py --batch 16 --repeats 8 \
+# --no-compile: torch.compile of the chunked torch forms takes minutes per form on its own
+want kernels && step kernels 150 "$PY" -m kernels.bench --no-compile --iters 10 --out "$RES"
+want gpu-step && step gpu-step 100 "$PY" benchmarks/gpu_step.py --batch 16 --repeats 8 \
   --out "$RES/gpu-step-$card-$day.json"
-step profile 90 "$PY" -m sst_dist.cli profile launch/configs/coco2014.yaml \
-  model.pretrained=null model.impl=triton data.synthetic.enabled=true \
-  data.synthetic.num_classes=80 data.synthetic.image_size=448 data.synthetic.num_train=320 \
-  data.synthetic.num_test=32 data.backend=torch-gpu data.num_workers=8 train.batch_size=32 \
-  train.precision=bf16 output.name=gpu-profile --out "$RES/profile" --steps 8 --profile-steps 2
+# the same step under the three precision recipes, side by side
+for variant in profile:bf16 profile-autocast:bf16-autocast profile-fp32:fp32; do
+  name=${variant%%:*}
+  want "$name" && step "$name" 80 "$PY" -m sst_dist.cli profile "${PROFILE[@]}" \
+    "train.precision=${variant#*:}" output.name="$name" --out "$RES/$name" --steps 8 --profile-steps 2
+done
 
 echo "== summary ($card, $day)" | tee "$RES/summary.txt"
 status=0
-for name in gpu-tests gpu-train kernels gpu-step profile; do
-  echo "$name: ${result[$name]}" | tee -a "$RES/summary.txt"
-  [[ ${result[$name]} == rc=0* ]] || status=1
+for name in $STEPS; do
+  echo "$name: ${result[$name]:-not run}" | tee -a "$RES/summary.txt"
+  [[ ${result[$name]:-} == rc=0* ]] || status=1
 done
 tar czf "$DEST/gpu-results.tgz" -C "$RES" --exclude=checkpoints --exclude='*.pt' \
-  --exclude=data --exclude=tensorboard --exclude='trace-*.json' . && ls -la "$DEST/gpu-results.tgz"
+  --exclude=data --exclude=tensorboard --exclude='trace-*.json' --exclude=gpu-profile . && ls -la "$DEST/gpu-results.tgz"
 exit $status

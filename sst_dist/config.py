@@ -121,7 +121,9 @@ class TrainConfig:
     lr_step_epochs: int = 10
     lr_gamma: float = 0.1
     clip_grad: float = 0.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master copy); bf16-autocast: fp32 weights
+    # and optimizer, bf16 matmuls under torch.autocast (DeepSpeed's torch_autocast)
+    precision: Literal["fp32", "bf16", "bf16-autocast", "fp16"] = "fp32"
     zero_stage: int = 0
     batchnorm: Literal["sync", "frozen", "local"] = "sync"
     seed: int = 0

@@ -255,8 +255,13 @@ def test_gpu_decode_matches_cpu(shards):
         assert [b.index.tolist() for b in gpu] == [b.index.tolist() for b in cpu]
         for a, b in zip(gpu, cpu):
             assert a.images.is_cuda and a.partial.is_cuda
-            diff = (a.images.cpu() - b.images).abs() / LEVEL  # tolerance as in test_pixels_agree
-            assert float(diff.max()) <= 5 and float(diff.mean()) <= 0.5
+            # nvJPEG and libjpeg-turbo may differ in IDCT and chroma upsampling (the JPEG standard
+            # leaves the latter open), which moves single pixels at the scenes' sharp colour edges
+            # by a few levels (6.8 seen on an H100); a wrong colour space, crop or resize would
+            # move the mean and the share of changed pixels, which keep test_pixels_agree's bounds.
+            diff = (a.images.cpu() - b.images).abs() / LEVEL
+            stats = (float(diff.max()), float(diff.mean()), float((diff > 1.5).float().mean()))
+            assert stats[0] <= 10 and stats[1] <= 0.5 and stats[2] <= 0.01, (train, stats)
 
 
 @pytest.mark.skipif(not HAS_DALI, reason="needs nvidia-dali")

@@ -37,7 +37,7 @@ class ModelConfig:
     embeddings: str | None = None  # .npy (C,E) label embeddings (a buffer); None: learned
     time_steps: int = 3
     bank_size: int = 100
-    impl: str = "fused"
+    impl: str = "auto"  # reference | fused | triton | auto (triton on a CUDA GPU, else fused)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -50,8 +50,8 @@ class ModelConfig:
             raise bad("num_classes", "must be an integer >= 2")
         if self.backbone not in BACKBONES:
             raise bad("backbone", f"must be one of {sorted(BACKBONES)}")
-        if self.impl not in IMPLS:
-            raise bad("impl", f"must be one of {IMPLS}")
+        if self.impl not in (*IMPLS, "auto"):
+            raise bad("impl", f"must be one of {(*IMPLS, 'auto')}")
         if self.freeze not in FREEZE_POLICIES:
             raise bad("freeze", f"must be one of {FREEZE_POLICIES}")
         for key in ("feature_dim", "inter_dim", "out_dim", "embed_dim", "time_steps", "bank_size"):
@@ -138,6 +138,10 @@ class SSTModel(nn.Module):
 
     @impl.setter
     def impl(self, value: str) -> None:
+        if value == "auto":
+            from kernels.dispatch import default_impl
+
+            value = default_impl()
         if value not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {value!r}")
         self._impl = value

@@ -29,7 +29,13 @@ from sst_dist.train.logging_utils import MetricsWriter, Progress, setup_logging
 from sst_dist.train.state import DistributedSST, StepResult, pseudo_quality
 
 log = logging.getLogger("sst_dist")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the dtype of weights, buffers and input images (autocast keeps them float32)
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bf16-autocast": torch.float32,
+    "fp16": torch.float16,
+}
 
 
 class TrainingAborted(RuntimeError):
@@ -62,6 +68,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         ds["gradient_clipping"] = t.clip_grad
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}
+    elif t.precision == "bf16-autocast":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif t.precision == "fp16":
         ds["fp16"] = {
             "enabled": True,
@@ -349,4 +357,3 @@ def _cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
             full = f"{mod_name}.{key}" if mod_name else key
             if buf is not None and buf.is_floating_point() and not full.startswith("bank."):
                 mod._buffers[key] = buf.to(dtype)
-
