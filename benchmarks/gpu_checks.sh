@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the project in one call (about 6 minutes on an H100):
 #   1. the gpu-marked tests (Triton kernels at real shapes, GPU decoding, CUDA model paths);
-#   2. a real DeepSpeed training run on the GPU (NCCL, bf16, Triton heads, GPU JPEG decode),
+#   2. a real DeepSpeed training run on the GPU (NCCL, bf16-autocast, impl auto, GPU JPEG decode),
 #      started by launch/deepspeed.sh, then `sst-dist eval` of its best checkpoint;
 #   3. kernels/bench.py: each Triton kernel vs the fused torch form vs the reference;
 #   4. benchmarks/gpu_step.py: the full training step, impl reference vs fused vs triton (bf16);
@@ -52,7 +52,7 @@ PROFILE=(launch/configs/coco2014.yaml model.pretrained=null data.synthetic.enabl
 
 want gpu-tests && step gpu-tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
 want gpu-train && step gpu-train 110 bash -c "launch/deepspeed.sh --num-gpus 1 launch/configs/demo.yaml \
-    train.precision=bf16 data.backend=torch-gpu data.num_workers=4 output.name=gpu-demo \
+    train.precision=bf16-autocast data.backend=torch-gpu data.num_workers=4 output.name=gpu-demo \
   && $PY -m sst_dist.cli eval $RES/runs/gpu-demo/checkpoints/best --out $RES/gpu-eval"
 # --no-compile: torch.compile of the chunked torch forms takes minutes per form on its own
 want kernels && step kernels 150 "$PY" -m kernels.bench --no-compile --iters 10 --out "$RES"

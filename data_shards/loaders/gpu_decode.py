@@ -61,8 +61,15 @@ def transform_encoded(datas: list[torch.Tensor], index: np.ndarray, cfg: AugConf
     if not datas:
         return torch.zeros((0, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=device)
     images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    return transform_decoded(images, index, cfg, train, seed, epoch)
+
+
+def transform_decoded(images: list[torch.Tensor], index: np.ndarray, cfg: AugConfig, train: bool, seed: int,
+                      epoch: int) -> torch.Tensor:
+    """Decoded uint8 (3,h,w) images -> augmented uint8 (B,3,S,S) on their device."""
     if not train:
         return _resize_groups(images, cfg.image_size)
+    device = images[0].device
     p = train_params(cfg, seed, epoch, index)
     out = _crop_resize(_resize_groups(images, cfg.base), cfg, p.side, p.x, p.y)
     flip = torch.as_tensor(p.flip, device=device)[:, None, None, None]

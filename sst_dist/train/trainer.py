@@ -144,6 +144,7 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.world)
         )
         self.model = self.engine.module
+        log.info("model %s on %s, head impl %s", cfg.model.backbone, self.device, self.model.impl)
         if self.dtype != torch.float32:
             _cast_buffers(self.model, self.dtype)
         self.sst = DistributedSST(cfg, self.model)
