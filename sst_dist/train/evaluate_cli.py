@@ -70,8 +70,9 @@ def load_converted_model(
 def load_checkpoint_model(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, Any, dict]:
     """(SSTModel in eval mode with the checkpoint's weights and bank, RunConfig, meta) on the CPU.
 
-    Reads DeepSpeed's consolidated module state (ZeRO stages 0-2; for ZeRO-3 checkpoints first run
-    DeepSpeed's ``zero_to_fp32.py``). The adjacency is a buffer of the saved model.
+    Reads DeepSpeed's consolidated module state (ZeRO stages 0-2); a ZeRO-3 checkpoint, which has
+    none, is consolidated from its partitions by DeepSpeed's ``zero_to_fp32``. The adjacency is a
+    buffer of the saved model.
     """
     from sst_dist.config import load_config
     from sst_dist.model.sst import SSTModel
@@ -84,14 +85,16 @@ def load_checkpoint_model(path: str | Path, overrides: list[str] | None = None) 
     cfg = load_config(cfg_file, overrides)
     meta = json.loads((ckpt / "meta.json").read_text())
     states = sorted((ckpt / "engine").glob("mp_rank_*_model_states.pt"))
-    if not states:
-        raise FileNotFoundError(f"no DeepSpeed model states (engine/mp_rank_*_model_states.pt) in {ckpt}")
-    blob = torch.load(states[0], map_location="cpu", weights_only=False)
-    module = blob.get("module")
+    if states:  # ZeRO 0-2: one consolidated module state
+        module = torch.load(states[0], map_location="cpu", weights_only=False).get("module")
+    elif sorted((ckpt / "engine").glob("zero_pp_rank_*_model_states.pt")):
+        module = None  # ZeRO-3: parameters live only in the per-rank partitions
+    else:
+        raise FileNotFoundError(f"no DeepSpeed model states (engine/*model_states.pt) in {ckpt}")
     if not module:
-        raise ValueError(
-            f"{states[0]} holds no consolidated module state (ZeRO-3?): run zero_to_fp32.py first"
-        )
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        module = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="engine")
     C = cfg.model.num_classes
     model = SSTModel(cfg.model, torch.zeros(C, C))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in module.items()})
