@@ -132,6 +132,7 @@ class TrainConfig:
     init_from: str = ""  # weights to start from: a `sst-dist convert-checkpoint` output (official SST)
     log_every: int = 10
     eval_every: int = 1
+    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
     progress: bool = True
 
     def validate(self, prefix: str) -> None:
@@ -157,6 +158,11 @@ class TrainConfig:
         _check(self.clip_grad >= 0, f"{prefix}.clip_grad", f"must be >= 0 (0 = off), got {self.clip_grad}")
         _check(
             self.max_steps_per_epoch >= 0, f"{prefix}.max_steps_per_epoch", "must be >= 0 (0 = whole epoch)"
+        )
+        _check(
+            self.checkpoint_every >= 0 and self.checkpoint_every % self.grad_accum == 0,
+            f"{prefix}.checkpoint_every",
+            f"must be >= 0 and a multiple of grad_accum={self.grad_accum}, got {self.checkpoint_every}",
         )
         _check(
             not self.init_from or os.path.isfile(os.path.expanduser(self.init_from)),

@@ -1,6 +1,7 @@
 """launch/slurm/train.sbatch on a real one-node SLURM cluster (launch/slurm_cluster.py): sbatch
 with two tasks trains the debug config end to end; the job must end COMPLETED with exit code 0
-(scontrol and the job-completion log) and leave a complete run written by a world of two.
+(scontrol and the job-completion log) and leave a complete run written by a world of two. A
+second job is preempted with SIGUSR1 mid-run: it must checkpoint, requeue itself and finish.
 """
 
 from __future__ import annotations
@@ -53,35 +54,70 @@ def _wait_for_job(job_id: str, env: dict[str, str], timeout: float, log: Path) -
     pytest.fail(f"SLURM job {job_id} did not finish within {timeout}s:\n{tail(text)}")
 
 
-@pytest.mark.slow
-def test_sbatch_two_tasks_train_debug_config(tmp_path):
+def _submit(env: dict[str, str], job_log: Path, args: list[str]) -> str:
+    cmd = ["sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", f"--output={job_log}",
+           str(ROOT / "launch" / "slurm" / "train.sbatch"), str(DEBUG_CONFIG), *args]
+    submit = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert submit.returncode == 0, f"sbatch failed: {submit.stderr}"
+    return submit.stdout.strip().split(";")[0]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
     for tool in ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "scancel"):
         require_or_skip(tool, "a one-node SLURM cluster")
-    cluster = _slurm_cluster_module().SlurmCluster(tmp_path / "slurm", cpus=2)
-    try:
-        cluster.start()
-        env = {**launch_env(tmp_path), "SLURM_CONF": str(cluster.conf)}
-        job_log = tmp_path / "job.out"
-        cmd = ["sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", f"--output={job_log}",
-               str(ROOT / "launch" / "slurm" / "train.sbatch"), str(DEBUG_CONFIG),
-               *debug_overrides(tmp_path, "sl")]
-        submit = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert submit.returncode == 0, f"sbatch failed: {submit.stderr}"
-        job_id = submit.stdout.strip().split(";")[0]
-        fields = _wait_for_job(job_id, env, TIMEOUT_S, job_log)
-        out = job_log.read_text(errors="replace")
-        assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}\n{tail(out)}"
-        assert fields["NumTasks"] == "2", fields
-        completion = (cluster.dir / "log" / "jobcomp.txt").read_text()
-        assert re.search(rf"JobId={job_id} .*JobState=COMPLETED", completion), completion
-    finally:
-        cluster.stop()
+    c = _slurm_cluster_module().SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=2)
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.mark.slow
+def test_sbatch_two_tasks_train_debug_config(tmp_path, cluster):
+    env = {**launch_env(tmp_path), "SLURM_CONF": str(cluster.conf)}
+    job_log = tmp_path / "job.out"
+    job_id = _submit(env, job_log, debug_overrides(tmp_path, "sl"))
+    fields = _wait_for_job(job_id, env, TIMEOUT_S, job_log)
+    out = job_log.read_text(errors="replace")
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}\n{tail(out)}"
+    assert fields["NumTasks"] == "2", fields
+    completion = (cluster.dir / "log" / "jobcomp.txt").read_text()
+    assert re.search(rf"JobId={job_id} .*JobState=COMPLETED", completion), completion
 
     assert re.search(r"2 task\(s\) \(2 per node\), master \S+:\d+, accelerator cpu", out), tail(out)
     run = check_run_outputs(tmp_path / "runs" / "sl", world_size=2)
     train_log = (tmp_path / "runs" / "sl" / "train.log").read_text()
     assert "2 rank(s) via slurm" in train_log, train_log[:2000]
     assert run["meta"]["step"] > 0
+
+
+@pytest.mark.slow
+def test_sbatch_preempted_job_checkpoints_requeues_and_finishes(tmp_path, cluster):
+    """SIGUSR1 to the job's tasks (what --signal=USR1@120 sends near the time limit) in epoch 1:
+    the ranks save a mid-epoch checkpoint and exit 75, the script requeues the job, the requeued
+    run resumes from that checkpoint and the job ends COMPLETED after one restart."""
+    env = {**launch_env(tmp_path), "SLURM_CONF": str(cluster.conf)}
+    job_log = tmp_path / "job.out"
+    epochs = 4
+    job_id = _submit(env, job_log, [*debug_overrides(tmp_path, "pre"), f"train.epochs={epochs}"])
+    first = tmp_path / "runs" / "pre" / "checkpoints" / "epoch_0001" / "meta.json"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not first.is_file():
+        assert time.monotonic() < deadline, f"no epoch-1 checkpoint:\n{tail(job_log.read_text())}"
+        assert _job_fields(job_id, env).get("JobState") not in TERMINAL, tail(job_log.read_text())
+        time.sleep(0.5)
+    sig = subprocess.run(["scancel", "--signal=USR1", job_id], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert sig.returncode == 0, sig.stderr
+    fields = _wait_for_job(job_id, env, TIMEOUT_S, job_log)
+    out = job_log.read_text(errors="replace")
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", f"{fields}\n{tail(out)}"
+    assert "preempted after a checkpoint; requeueing" in out, tail(out)
+    run_dir = tmp_path / "runs" / "pre"
+    train_log = (run_dir / "train.log").read_text()
+    resumed = re.search(r"resumed from \S+/(epoch_\d{4}_step_\d{8}) \(epoch (\d+), step (\d+)\)", train_log)
+    assert resumed and int(resumed.group(2)) >= 1, train_log[-3000:]
+    check_run_outputs(run_dir, world_size=2, epochs=epochs)
 
 
 def test_sbatch_script_refuses_to_run_outside_slurm(tmp_path):

@@ -317,6 +317,11 @@ class BaseLoader:
     def __len__(self) -> int:
         return self._len
 
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch already yielded (where a resumed epoch continues)."""
+        return self._position
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's permutation; a new epoch starts at its first batch."""
         if epoch != self.epoch:

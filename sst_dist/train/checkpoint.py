@@ -51,8 +51,12 @@ class CheckpointManager:
         self.keep = keep
 
     @staticmethod
-    def name(epoch: int) -> str:
-        return f"{PREFIX}{epoch:04d}"
+    def name(epoch: int, mid_epoch_step: int | None = None) -> str:
+        """``epoch_0003`` after 3 finished epochs; ``epoch_0003_step_00001234`` inside the 4th.
+
+        Names sort in training order (a name is a prefix of its mid-epoch successors)."""
+        base = f"{PREFIX}{epoch:04d}"
+        return base if mid_epoch_step is None else f"{base}_step_{mid_epoch_step:08d}"
 
     def complete(self) -> list[Path]:
         """Complete checkpoints (those with meta.json), oldest first."""
@@ -69,9 +73,11 @@ class CheckpointManager:
         sst_state: dict[str, Any],
         rank_state: dict[str, Any],
         extra: dict[str, Any] | None = None,
+        mid_epoch: bool = False,
     ) -> Path:
-        """Write checkpoint ``epoch`` (the number of finished epochs) atomically."""
-        name = self.name(epoch)
+        """Write checkpoint ``epoch`` (the number of finished epochs; ``mid_epoch``: inside the next
+        one, at global step ``step``) atomically."""
+        name = self.name(epoch, step if mid_epoch else None)
         tmp = self.root / f".tmp-{name}"
         final = self.root / name
         if D.rank() == 0:

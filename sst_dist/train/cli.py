@@ -3,15 +3,24 @@
 Every launcher (deepspeed, torchrun, srun, or none for a single process) starts this same
 command on each rank; the process group comes from the launcher's environment. The config is
 loaded and validated before DeepSpeed or the data are touched, so a bad key fails at once.
+
+Exit status: 0 done; 2 bad config; 3 aborted after repeated non-finite losses; 75 preempted by
+SIGUSR1 after saving a checkpoint (rerun with ``--resume``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 
 def register(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "exit status: 0 done, 2 bad config, 3 aborted (non-finite losses), "
+        "75 preempted by SIGUSR1 after a checkpoint (rerun with --resume)"
+    )
     parser.add_argument("config", help="run config YAML (see launch/configs/)")
     parser.add_argument(
         "overrides",
@@ -45,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    from sst_dist.train.preemption import EXIT_PREEMPTED, Preempted
     from sst_dist.train.trainer import Trainer, TrainingAborted
 
     trainer = Trainer(cfg, resume=args.resume)
@@ -53,4 +63,10 @@ def run(args: argparse.Namespace) -> int:
     except TrainingAborted as e:
         print(f"sst-dist train: {e}", file=sys.stderr)
         return 3
+    except Preempted as e:
+        print(f"sst-dist train: {e}", file=sys.stderr)
+        marker = os.environ.get("SST_PREEMPTED_FILE")
+        if marker and trainer.rank == 0:  # how train.sbatch tells a preemption from a failure
+            Path(marker).write_text(f"{e}\n")
+        return EXIT_PREEMPTED
     return 0

@@ -4,7 +4,9 @@
 ``train_step`` (forward -> bank/pseudo labels/loss via :class:`DistributedSST` -> DeepSpeed
 backward/step) over the rank's batches, then ``evaluate`` and an atomic checkpoint. A NaN/inf
 loss skips its step (counted); ``train.max_bad_steps`` in a row abort with a clear error before
-anything is saved, so the last good checkpoint stays the newest.
+anything is saved, so the last good checkpoint stays the newest. ``train.checkpoint_every``
+adds checkpoints inside an epoch, and SIGUSR1 (:mod:`.preemption`) saves one and stops; both
+resume at the exact step.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sst_dist.config import RunConfig, save_config
 from sst_dist.train import distributed as D
 from sst_dist.train.checkpoint import CheckpointManager
 from sst_dist.train.logging_utils import MetricsWriter, Progress, setup_logging
+from sst_dist.train.preemption import Preempted, PreemptionFlag
 from sst_dist.train.state import DistributedSST, StepResult, pseudo_quality
 
 log = logging.getLogger("sst_dist")
@@ -152,6 +155,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, cfg.output.tensorboard)
         self.epoch, self.global_step, self.bad_steps, self.skipped_steps = 0, 0, 0, 0
         self.best_map = -math.inf
+        self.preemption = PreemptionFlag()
         if resume:
             self.resume(None if resume is True else resume)
 
@@ -215,12 +219,14 @@ class Trainer:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         n = self.steps_per_epoch
-        bar = Progress(n, f"epoch {epoch}", self.cfg.train.progress)
+        start = min(int(getattr(loader, "position", 0)), n)  # > 0 after a mid-epoch resume
+        bar = Progress(n - start, f"epoch {epoch}", self.cfg.train.progress)
         sums: dict[str, float] = {}
         pseudo: dict[str, float] = {}
         count, t0 = 0, time.perf_counter()
-        for i, batch in enumerate(itertools.islice(loader, n)):
+        for i, batch in enumerate(itertools.islice(loader, n - start), start):
             res = self.train_step(batch, epoch, i / n)
+            self._mid_epoch_checkpoint(i + 1, n)
             rate = bar.update(batch.images.shape[0] * self.world, {"loss": res.global_loss})
             if not res.finite:
                 continue
@@ -249,7 +255,7 @@ class Trainer:
             **means,
             **(pseudo_quality(pseudo) if pseudo else {}),
             "lr": self.lr,
-            "images_per_s": n * self.cfg.train.batch_size * self.world / max(elapsed, 1e-9),
+            "images_per_s": (n - start) * self.cfg.train.batch_size * self.world / max(elapsed, 1e-9),
             "skipped_steps": self.skipped_steps,
             "margin_intra": self.sst.margins["intra"],
             "margin_inter": self.sst.margins["inter"],
@@ -264,6 +270,17 @@ class Trainer:
             self.skipped_steps,
         )
         return summary
+
+    def _mid_epoch_checkpoint(self, done: int, n: int) -> None:
+        """After ``done`` of ``n`` steps: the periodic checkpoint, or the one a signal asked for."""
+        if done % self.cfg.train.grad_accum or done == n:  # accumulation boundaries; epoch end saves anyway
+            return
+        every = self.cfg.train.checkpoint_every
+        stop = self.preemption.agreed(self.device)
+        if stop or (every and done % every == 0):
+            path = self.save(mid_epoch=True)
+            if stop:
+                raise Preempted(f"preemption signal: saved {path}; continue with --resume")
 
     @property
     def lr(self) -> float:
@@ -303,13 +320,13 @@ class Trainer:
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.skipped_steps, self.best_map = int(state["skipped_steps"]), float(state["best_map"])
 
-    def save(self, mAP: float | None = None) -> Path:
+    def save(self, mAP: float | None = None, mid_epoch: bool = False) -> Path:
         rank_state = {}
         if hasattr(self.data.train_loader, "state_dict"):
             rank_state["loader"] = self.data.train_loader.state_dict()
         extra = {"mAP": mAP, "class_names": self.data.class_names}
         path = self.checkpoints.save(
-            self.engine, self.epoch, self.global_step, self.state_dict(), rank_state, extra
+            self.engine, self.epoch, self.global_step, self.state_dict(), rank_state, extra, mid_epoch
         )
         if mAP is not None and mAP >= self.best_map and self.rank == 0:
             self.checkpoints.mark_best(path.name)
@@ -332,6 +349,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Train to ``train.epochs``, evaluating and checkpointing after each epoch."""
         last: dict[str, Any] = {}
+        self.preemption.install()
         try:
             while self.epoch < self.cfg.train.epochs:
                 last = self.train_epoch(self.epoch)
@@ -343,6 +361,7 @@ class Trainer:
                     last["mAP"] = mAP
                 self.save(mAP)
         finally:
+            self.preemption.uninstall()
             self.metrics.close()
         return last
 
