@@ -46,7 +46,13 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         q: {ep: {k: statistics.fmean(v) for k, v in d.items()} for ep, d in sorted(eps.items())}
         for q, eps in sorted(pseudo.items())
     }
-    return {"mAP": maps, "pseudo": pseudo_mean}
+    by_run = {(r["method"], r["proportion"], r["seed"]): r["mAP"] for r in results}
+    diffs: dict[int, list[float]] = {}
+    for method, q, seed in sorted(by_run):
+        if method == "sst" and ("baseline", q, seed) in by_run:
+            diffs.setdefault(q, []).append(by_run[method, q, seed] - by_run["baseline", q, seed])
+    paired = {q: dict(zip(("mean", "std"), _mean_std(d)), n=len(d)) for q, d in diffs.items()}
+    return {"mAP": maps, "pseudo": pseudo_mean, "paired": paired}
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
@@ -128,18 +134,18 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any], png_name: str) -> st
         lines.append(
             f"| {'SST' if method == 'sst' else 'partial BCE'} | " + " | ".join(cells) + f" | {mean:.2f} |"
         )
-    if "sst" in maps and "baseline" in maps:
-        common = [q for q in props if q in maps["sst"] and q in maps["baseline"]]
-        deltas = [maps["sst"][q]["mean"] - maps["baseline"][q]["mean"] for q in common]
+    paired = summary.get("paired", {})
+    if paired:
+        cells = [f"{paired[q]['mean']:+.2f} ± {paired[q]['std']:.2f}" if q in paired else "-" for q in props]
         lines.append(
-            "| SST - baseline | "
-            + " | ".join(f"{d:+.2f}" for d in deltas)
-            + " | "
-            + (f"{statistics.fmean(deltas):+.2f} |" if deltas else "- |")
+            "| SST - baseline (same seed) | "
+            + " | ".join(cells)
+            + f" | {statistics.fmean(v['mean'] for v in paired.values()):+.2f} |"
         )
     lines += [
         "",
-        "mAP in %, mean ± std over seeds (std 0 with one seed).",
+        "mAP in %, mean ± std over seeds (std 0 with one seed); the last row is the mean ± std of "
+        "the per-seed differences (SST and baseline of one seed share initialisation and data order).",
         "",
         "Pseudo labels of SST at the last epoch (mean over seeds): precision and recall of the new "
         "positives against the full labels; count = new positives per epoch.",
