@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as Fn
@@ -189,9 +189,10 @@ def contrastive(
 class LossWeights:
     """Loss weights as the reference uses them, and the schedule that turns terms on.
 
-    The pseudo-label BCE terms (intra, inter) count only from ``warmup_epochs`` on; during epoch 0
-    the co-occurrence and contrastive terms ramp linearly with the fraction of the epoch done
-    (the reference multiplies by batchIndex / len(loader), so the first step has weight 0).
+    The pseudo-label BCE terms (intra, inter) count only from ``warmup_epochs`` on; during the
+    first ``ramp_epochs`` (1, as the reference) the co-occurrence and contrastive terms ramp
+    linearly with the fraction of training done (the reference multiplies by
+    batchIndex / len(loader) in epoch 0, so the first step has weight 0); 0 disables the ramp.
     """
 
     bce: float = 1.0
@@ -200,6 +201,20 @@ class LossWeights:
     cooc: float = 10.0
     contrastive: float = 0.05
     warmup_epochs: int = 5
+    ramp_epochs: int = 1
+
+    @classmethod
+    def from_config(cls, loss: Any, warmup_epochs: int) -> LossWeights:
+        """From a run config's ``loss`` section (``sst_dist.config.LossConfig``) and warm-up."""
+        return cls(
+            bce=loss.bce,
+            intra=loss.intra_bce,
+            inter=loss.inter_bce,
+            cooc=loss.cooccurrence,
+            contrastive=loss.contrastive,
+            warmup_epochs=warmup_epochs,
+            ramp_epochs=loss.ramp_epochs,
+        )
 
     def effective(self, epoch: int, progress: float = 1.0) -> dict[str, float]:
         """Weights in force at ``epoch`` with ``progress`` (fraction of epoch 0 done, in [0,1])."""
@@ -207,7 +222,8 @@ class LossWeights:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if not 0.0 <= progress <= 1.0:
             raise ValueError(f"progress must be in [0, 1], got {progress}")
-        ramp = progress if epoch == 0 else 1.0
+        n = self.ramp_epochs
+        ramp = min(1.0, (epoch + progress) / n) if 0 < n and epoch < n else 1.0
         pseudo = epoch >= self.warmup_epochs
         return {
             "bce": self.bce,

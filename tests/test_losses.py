@@ -293,6 +293,20 @@ def test_effective_weights_schedule() -> None:
     assert cfg.effective(5)["intra"] == 1.0 and cfg.effective(4)["inter"] == 0.0
     with pytest.raises(ValueError, match="progress"):
         cfg.effective(0, 1.5)
+    # a 2-epoch ramp reaches half weight at the end of epoch 0; no ramp: full weight at once
+    two = LossWeights(ramp_epochs=2)
+    assert two.effective(0, 1.0)["cooc"] == 5.0 and two.effective(1, 0.5)["cooc"] == 7.5
+    assert two.effective(2, 0.0)["contrastive"] == 0.05
+    assert LossWeights(ramp_epochs=0).effective(0, 0.0)["cooc"] == 10.0
+
+
+def test_weights_from_config_follow_the_yaml_names() -> None:
+    from sst_dist.config import LossConfig
+
+    loss = LossConfig(bce=2.0, intra_bce=0.5, inter_bce=0.25, cooccurrence=3.0, contrastive=0.1,
+                      ramp_epochs=0)
+    w = LossWeights.from_config(loss, warmup_epochs=3)
+    assert w == LossWeights(2.0, 0.5, 0.25, 3.0, 0.1, warmup_epochs=3, ramp_epochs=0)
 
 
 def test_sst_loss_terms_and_total() -> None:

@@ -48,18 +48,11 @@ class DistributedSST:
 
     def __init__(self, cfg: RunConfig, model: torch.nn.Module) -> None:
         self.cfg, self.model = cfg, model
-        p, lw = cfg.pseudo, cfg.loss
+        p = cfg.pseudo
         self.schedule = MarginSchedule(
             start=p.margin_start, floor=p.margin_min, step=p.margin_step, warmup_epochs=p.warmup_epochs
         )
-        self.weights = L.LossWeights(
-            bce=lw.bce,
-            intra=lw.intra_bce,
-            inter=lw.inter_bce,
-            cooc=lw.cooccurrence,
-            contrastive=lw.contrastive,
-            warmup_epochs=p.warmup_epochs,
-        )
+        self.weights = L.LossWeights.from_config(cfg.loss, p.warmup_epochs)
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(int(cfg.train.seed) * 1000003 + 17)
         if D.world_size() > 1:  # same seed everywhere already; rank 0's state makes it certain
@@ -76,16 +69,6 @@ class DistributedSST:
     def set_epoch(self, epoch: int) -> None:
         m = self.schedule.margin(epoch)
         self.margins = {"intra": m, "inter": m}
-
-    def ramp(self, epoch: int, progress: float) -> dict[str, float]:
-        """Effective weights; the epoch-0 ramp lasts ``loss.ramp_epochs`` epochs (0 disables it)."""
-        w = self.weights.effective(epoch, 1.0)
-        n = self.cfg.loss.ramp_epochs
-        if n > 0 and epoch < n:
-            frac = min(1.0, (epoch + progress) / n)
-            w["cooc"] *= frac
-            w["contrastive"] *= frac
-        return w
 
     def compute(
         self, out: Any, labels: torch.Tensor, full: torch.Tensor | None, epoch: int, progress: float
@@ -131,7 +114,7 @@ class DistributedSST:
         )
         red = D.all_reduce_sum(torch.cat([local, stats.to(local.device)]))
         nums, dens, stats = red[: len(rows)], red[len(rows) : 2 * len(rows)], red[2 * len(rows) :]
-        weights = self.ramp(epoch, progress)
+        weights = self.weights.effective(epoch, progress)
         world = D.world_size()
         loss = torch.zeros((), dtype=torch.float32, device=logits.device)
         values: dict[str, float] = {}
