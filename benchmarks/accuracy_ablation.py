@@ -3,8 +3,10 @@
 Same setup as benchmarks/accuracy.py (its run overrides), with one change per variant:
 ``nointer`` (no cross-image pseudo-label BCE), ``noaux`` (no co-occurrence and no contrastive
 loss), ``lowmargin`` (pseudo-label margins 0.75 -> 0.5 instead of 0.95 -> 0.75, so that the
-intra-image labels can fire). Prints each run's test mAP and pseudo-label counts; compare with
-the study's sst/baseline rows. Finished runs (an eval record in metrics.jsonl) are not rerun.
+intra-image labels can fire), ``knownpairs`` (the pair head learns only from pairs whose
+target is known, ``loss.pair_targets=known``). Prints each run's test mAP and pseudo-label
+counts; compare with the study's sst/baseline rows. Finished runs (an eval record in
+metrics.jsonl) are not rerun.
 
     .venv/bin/python benchmarks/accuracy_ablation.py --work /tmp/acc --variants lowmargin \
         --proportions 10 30 --seeds 0 1 2 --jobs 2
@@ -26,6 +28,7 @@ ABLATIONS = {
     "nointer": ["loss.inter_bce=0"],
     "noaux": ["loss.cooccurrence=0", "loss.contrastive=0"],
     "lowmargin": ["pseudo.margin_start=0.75", "pseudo.margin_min=0.5"],
+    "knownpairs": ["loss.pair_targets=known"],
 }
 
 

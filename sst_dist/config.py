@@ -83,11 +83,15 @@ class LossConfig:
     cooccurrence: float = 10.0
     contrastive: float = 0.05
     ramp_epochs: int = 1
+    # pair-head targets: "reference" counts unknown labels as 0 (DESIGN); "known" leaves out the
+    # pairs whose target is unknown (see docs/accuracy.md)
+    pair_targets: Literal["reference", "known"] = "reference"
 
     def validate(self, prefix: str) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            _check(v >= 0, f"{prefix}.{f.name}", f"must be >= 0, got {v}")
+            if isinstance(v, (int, float)):
+                _check(v >= 0, f"{prefix}.{f.name}", f"must be >= 0, got {v}")
 
 
 @dataclass

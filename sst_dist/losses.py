@@ -71,6 +71,14 @@ def pair_targets(labels: torch.Tensor) -> torch.Tensor:
     return pos[:, i] & pos[:, j]
 
 
+def pair_target_known(labels: torch.Tensor) -> torch.Tensor:
+    """(B,P): whether t_p is known: both labels known, or either one a known negative."""
+    C = labels.shape[1]
+    i, j = torch.triu_indices(C, C, 1, device=labels.device)
+    known, neg = labels != 0, labels == -1
+    return (known[:, i] & known[:, j]) | neg[:, i] | neg[:, j]
+
+
 def cooccurrence_asl(
     pair_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -78,8 +86,13 @@ def cooccurrence_asl(
     gamma_pos: float = 1.0,
     clip: float = 0.05,
     eps: float = 1e-8,
+    known_only: bool = False,
 ) -> Term:
     """Asymmetric loss of the pair head against t_p, mean over all B*P entries.
+
+    ``known_only`` (not the reference; ``loss.pair_targets=known``) averages over the entries whose
+    target is known instead (:func:`pair_target_known`), so unknown labels do not teach the head
+    that pairs rarely co-occur; docs/accuracy.md shows why that matters at low proportions.
 
     As the reference's intraAsymmetricLoss: with p = sigmoid(q), positives cost
     -log(max(p, eps)) (1-p)^gamma_pos; negatives use the shifted probability
@@ -102,6 +115,9 @@ def cooccurrence_asl(
     pn = (torch.sigmoid(-x) + clip).clamp(max=1.0) if clip and clip > 0 else torch.sigmoid(-x)
     loss_neg = -torch.log(pn.clamp(min=eps)) * (1.0 - pn).pow(gamma_neg)
     loss = torch.where(t, loss_pos, loss_neg)
+    if known_only:
+        keep = pair_target_known(labels)
+        return Term(torch.where(keep, loss, torch.zeros_like(loss)).sum(), _count(keep, x))
     return Term(loss.sum(), _count(t.numel(), x))
 
 

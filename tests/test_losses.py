@@ -108,6 +108,21 @@ def test_cooc_hand_worked() -> None:
     assert torch.equal(q.grad, torch.zeros_like(q))
 
 
+def test_cooc_known_pairs_only_hand_worked() -> None:
+    # labels [1, 0, -1]: pair (0,1) has an unknown target; (0,2) and (1,2) are known 0 (a known
+    # negative decides them). Logits 0: each known pair costs -ln(0.55) * 0.45^2, mean over 2;
+    # the unknown pair gets no gradient.
+    q = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
+    t = cooccurrence_asl(q, torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64), known_only=True)
+    assert t.denominator.item() == 2
+    assert t.value().item() == pytest.approx(-math.log(0.55) * 0.45**2, rel=1e-12)
+    t.value().backward()
+    assert q.grad[0, 0].item() == 0.0 and (q.grad[0, 1:] != 0).all()
+    # labels [1, 1, 0]: only (0,1) is known (target 1); the reference form averages over all 3.
+    t = cooccurrence_asl(torch.zeros(1, 3), torch.tensor([[1.0, 1.0, 0.0]]), known_only=True)
+    assert t.denominator.item() == 1 and t.value().item() == pytest.approx(math.log(2) / 2, rel=1e-6)
+
+
 @pytest.mark.parametrize("B,C", [(1, 3), (3, 7), (8, 7), (3, 20)])
 def test_cooc_vs_literal(B: int, C: int) -> None:
     gen = torch.Generator().manual_seed(B * 7 + C)

@@ -100,7 +100,7 @@ class DistributedSST:
 
         terms = {
             "bce": L.partial_bce(logits, labels),
-            "cooc": L.cooccurrence_asl(pair_logits, labels),
+            "cooc": L.cooccurrence_asl(pair_logits, labels, known_only=self.cfg.loss.pair_targets == "known"),
         }
         if pseudo_on:
             terms["intra"] = L.partial_bce(logits, intra_lab)
