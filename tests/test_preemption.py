@@ -1,19 +1,22 @@
 """Mid-epoch checkpoints and SIGUSR1 preemption resume at the exact step.
 
 Run A trains the debug config (8 steps per epoch, pseudo labels from epoch 1) for 2 epochs
-straight. Run B checkpoints every 3 steps and receives a real SIGUSR1 after global step 12
-(inside epoch 1, where the memory bank and pseudo labels are active): it must save a checkpoint
-at that step and stop with ``Preempted``. Run C resumes B and finishes; its weights and bank
-must equal A's, which holds only if the loader position, RNG, bank, optimizer and scheduler
-all came back at step 12.
+straight. Run B (2 DataLoader workers) checkpoints every 3 steps and, after global step 12
+(inside epoch 1, where the memory bank and pseudo labels are active), it and its workers receive
+a real SIGUSR1, as slurmstepd signals every process of a job step. It must save a checkpoint at
+that step and stop with ``Preempted``; the workers must survive the signal. Run C resumes B and
+finishes; its weights and bank must equal A's, which holds only if the loader position, RNG,
+bank, optimizer and scheduler all came back at step 12.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -43,13 +46,20 @@ def test_sigusr1_saves_mid_epoch_and_resume_matches_uninterrupted(tmp_path):
     a.train()
     want = _state(a)
 
-    b = Trainer(_cfg(tmp_path, "B", "train.checkpoint_every=3", "output.keep_checkpoints=10"))
+    b_args = ("train.checkpoint_every=3", "output.keep_checkpoints=10", "data.num_workers=2")
+    b = Trainer(_cfg(tmp_path, "B", *b_args))
     step = b.train_step
 
     def step_then_signal(*args, **kw):
         res = step(*args, **kw)
         if b.global_step == 12:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            workers = psutil.Process().children(recursive=True)
+            assert workers, "expected DataLoader worker processes"
+            for pid in [w.pid for w in workers] + [os.getpid()]:
+                os.kill(pid, signal.SIGUSR1)
+            time.sleep(0.5)
+            dead = [w.pid for w in workers if not w.is_running() or w.status() == psutil.STATUS_ZOMBIE]
+            assert not dead, f"DataLoader workers {dead} died of SIGUSR1"
         return res
 
     b.train_step = step_then_signal
@@ -67,7 +77,7 @@ def test_sigusr1_saves_mid_epoch_and_resume_matches_uninterrupted(tmp_path):
     ]
     assert (root / "latest").read_text().strip() == "epoch_0001_step_00000012"
 
-    c = Trainer(_cfg(tmp_path, "B", "train.checkpoint_every=3", "output.keep_checkpoints=10"), resume=True)
+    c = Trainer(_cfg(tmp_path, "B", *b_args), resume=True)
     assert (c.epoch, c.global_step, c.data.train_loader.position) == (1, 12, 4)
     c.train()
     assert c.global_step == a.global_step == 16

@@ -13,6 +13,8 @@ built (the price of a global per-epoch permutation over non-seekable streams).
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -129,12 +131,19 @@ class _Stage:
         return stream_samples(self.shards, self.url, wanted)
 
 
+def _ignore_preemption_signal(worker_id: int) -> None:
+    """SLURM signals every process of a job step; SIGUSR1 (a preemption notice, handled by the
+    trainer in the main process) would otherwise terminate the workers (its default action)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def make_dataloader(dataset: PlanBatches, num_workers: int, pin: bool):
     """A DataLoader over whole batches (batch_size=None); in-process when num_workers == 0."""
     if num_workers == 0:
         return iter(dataset)
     return iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin,
-                           prefetch_factor=2, persistent_workers=False))
+                           prefetch_factor=2, persistent_workers=False,
+                           worker_init_fn=_ignore_preemption_signal))
 
 
 class TorchLoader(BaseLoader):
