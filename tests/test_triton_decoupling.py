@@ -11,12 +11,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from triton_support import assert_compiles_like_eager  # noqa: E402
+from triton_support import assert_compiles_like_eager, check_op_against_float64  # noqa: E402
+from triton_support import rel_err as _rel  # noqa: E402
 
 from kernels.triton_decoupling import semantic_attention_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def reference_semantic_attention(U, V, a, X):
@@ -36,38 +36,9 @@ def _inputs(B, S, D, C, F, dtype, a_scale=1.0, seed=0):
     return [t.to(DEV, dtype) for t in (U, V, a, X)]
 
 
-def _rel(x, ref):
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
 def check_against_reference(B, S, D, C, F, dtype, a_scale=1.0, dtypes=None, eager=False):
-    ins = _inputs(B, S, D, C, F, dtype, a_scale)
-    if dtypes is not None:  # mixed input dtypes: output promotes, each gradient keeps its input's dtype
-        ins = [t.to(d) for t, d in zip(ins, dtypes)]
-        dtype = dtypes[0]
-        for d in dtypes[1:]:
-            dtype = torch.promote_types(dtype, d)
-    tri = [t.clone().requires_grad_() for t in ins]
-    ref = [t.double().requires_grad_() for t in ins]  # same (rounded) values, float64 math
-    out = semantic_attention_triton(*tri)
-    expect = reference_semantic_attention(*ref)
-    assert out.shape == (B, C, F) and out.dtype == dtype
-    g = torch.randn(B, C, F, generator=torch.Generator().manual_seed(1)).to(DEV, dtype)
-    out.backward(g)
-    expect.backward(g.double())
-    tol = {k: TOL[t.dtype] for k, t in zip("UVaX", ins)}
-    tol["out"] = TOL[dtype]
-    if eager:  # large shapes: allow what float32/bf16 eager PyTorch itself gets wrong, doubled
-        eag = [t.clone().requires_grad_() for t in ins]
-        eout = reference_semantic_attention(*eag)
-        eout.backward(g)
-        tol["out"] = max(tol["out"], 2 * _rel(eout, expect))
-        for k, t, r in zip("UVaX", eag, ref):
-            tol[k] = max(tol[k], 2 * _rel(t.grad, r.grad))
-    assert _rel(out, expect) <= tol["out"], ("f", _rel(out, expect))
-    for name, t, r in zip("UVaX", tri, ref):
-        assert t.grad.dtype == t.dtype
-        assert _rel(t.grad, r.grad) <= tol[name], (name, _rel(t.grad, r.grad), tol[name])
+    check_op_against_float64(semantic_attention_triton, reference_semantic_attention,
+                             _inputs(B, S, D, C, F, dtype, a_scale), "UVaX", (B, C, F), dtypes, eager)
 
 
 @pytest.mark.parametrize(

@@ -11,12 +11,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from triton_support import assert_compiles_like_eager  # noqa: E402
+from triton_support import assert_compiles_like_eager, check_op_against_float64  # noqa: E402
+from triton_support import rel_err as _rel  # noqa: E402
 
 from kernels.triton_pairs import pair_cooccurrence_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def reference_pair_cooccurrence(U, V, A, beta, c):
@@ -43,39 +43,9 @@ def _inputs(B, C, D, dtype, seed=0):
     return [t.to(DEV, dtype) for t in ts]
 
 
-def _rel(x, ref):
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
 def check_against_reference(B, C, D, dtype, dtypes=None, eager=False):
-    ins = _inputs(B, C, D, dtype)
-    if dtypes is not None:  # mixed input dtypes: output promotes, each gradient keeps its input's dtype
-        ins = [t.to(d) for t, d in zip(ins, dtypes)]
-        dtype = dtypes[0]
-        for d in dtypes[1:]:
-            dtype = torch.promote_types(dtype, d)
-    tri = [t.clone().requires_grad_() for t in ins]
-    ref = [t.double().requires_grad_() for t in ins]
-    out = pair_cooccurrence_triton(*tri)
-    expect = reference_pair_cooccurrence(*ref)
-    P = C * (C - 1) // 2
-    assert out.shape == (B, P) and out.dtype == dtype
-    g = torch.randn(B, P, generator=torch.Generator().manual_seed(1)).to(DEV, dtype)
-    out.backward(g)
-    expect.backward(g.double())
-    tol = {k: TOL[t.dtype] for k, t in zip(("U", "V", "A", "beta", "c"), ins)}
-    tol["out"] = TOL[dtype]
-    if eager:  # large shapes: allow what float32/bf16 eager PyTorch itself gets wrong, doubled
-        eag = [t.clone().requires_grad_() for t in ins]
-        eout = reference_pair_cooccurrence(*eag)
-        eout.backward(g)
-        tol["out"] = max(tol["out"], 2 * _rel(eout, expect))
-        for k, t, r in zip(("U", "V", "A", "beta", "c"), eag, ref):
-            tol[k] = max(tol[k], 2 * _rel(t.grad, r.grad))
-    assert _rel(out, expect) <= tol["out"], ("q", _rel(out, expect))
-    for name, t, r in zip(("U", "V", "A", "beta", "c"), tri, ref):
-        assert t.grad.dtype == t.dtype
-        assert _rel(t.grad, r.grad) <= tol[name], (name, _rel(t.grad, r.grad), tol[name])
+    check_op_against_float64(pair_cooccurrence_triton, reference_pair_cooccurrence, _inputs(B, C, D, dtype),
+                             ("U", "V", "A", "beta", "c"), (B, C * (C - 1) // 2), dtypes, eager)
 
 
 @pytest.mark.parametrize(
