@@ -75,7 +75,8 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights (DESIGN §3) and the epoch-0 ramp of the co-occurrence/contrastive terms."""
+    """Loss weights (DESIGN §3) and the epoch-0 ramp of the co-occurrence/contrastive terms
+    (``sst_dist.losses.LossWeights`` applies them)."""
 
     bce: float = 1.0
     intra_bce: float = 1.0

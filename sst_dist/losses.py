@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as Fn
 
 from kernels import dispatch
 from kernels.torch_similarity import EPS
+from sst_dist.config import LossConfig
 from sst_dist.pseudo import check_labels, num_pairs
 
 IMPLS = ("reference", "fused", "triton")
@@ -203,34 +204,17 @@ def contrastive(
 
 @dataclass
 class LossWeights:
-    """Loss weights as the reference uses them, and the schedule that turns terms on.
+    """The run config's loss weights (``LossConfig``, YAML section ``loss``) and the schedule that
+    turns terms on.
 
     The pseudo-label BCE terms (intra, inter) count only from ``warmup_epochs`` on; during the
-    first ``ramp_epochs`` (1, as the reference) the co-occurrence and contrastive terms ramp
+    first ``loss.ramp_epochs`` (1, as the reference) the co-occurrence and contrastive terms ramp
     linearly with the fraction of training done (the reference multiplies by
     batchIndex / len(loader) in epoch 0, so the first step has weight 0); 0 disables the ramp.
     """
 
-    bce: float = 1.0
-    intra: float = 1.0
-    inter: float = 1.0
-    cooc: float = 10.0
-    contrastive: float = 0.05
+    loss: LossConfig = field(default_factory=LossConfig)
     warmup_epochs: int = 5
-    ramp_epochs: int = 1
-
-    @classmethod
-    def from_config(cls, loss: Any, warmup_epochs: int) -> LossWeights:
-        """From a run config's ``loss`` section (``sst_dist.config.LossConfig``) and warm-up."""
-        return cls(
-            bce=loss.bce,
-            intra=loss.intra_bce,
-            inter=loss.inter_bce,
-            cooc=loss.cooccurrence,
-            contrastive=loss.contrastive,
-            warmup_epochs=warmup_epochs,
-            ramp_epochs=loss.ramp_epochs,
-        )
 
     def effective(self, epoch: int, progress: float = 1.0) -> dict[str, float]:
         """Weights in force at ``epoch`` with ``progress`` (fraction of epoch 0 done, in [0,1])."""
@@ -238,15 +222,15 @@ class LossWeights:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if not 0.0 <= progress <= 1.0:
             raise ValueError(f"progress must be in [0, 1], got {progress}")
-        n = self.ramp_epochs
+        w, n = self.loss, self.loss.ramp_epochs
         ramp = min(1.0, (epoch + progress) / n) if 0 < n and epoch < n else 1.0
         pseudo = epoch >= self.warmup_epochs
         return {
-            "bce": self.bce,
-            "intra": self.intra if pseudo else 0.0,
-            "inter": self.inter if pseudo else 0.0,
-            "cooc": self.cooc * ramp,
-            "contrastive": self.contrastive * ramp,
+            "bce": w.bce,
+            "intra": w.intra_bce if pseudo else 0.0,
+            "inter": w.inter_bce if pseudo else 0.0,
+            "cooc": w.cooccurrence * ramp,
+            "contrastive": w.contrastive * ramp,
         }
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kernels.torch_similarity import class_cosine_gram_torch
+from sst_dist.config import LossConfig
 from sst_dist.losses import (
     LossWeights,
     Term,
@@ -309,19 +310,18 @@ def test_effective_weights_schedule() -> None:
     with pytest.raises(ValueError, match="progress"):
         cfg.effective(0, 1.5)
     # a 2-epoch ramp reaches half weight at the end of epoch 0; no ramp: full weight at once
-    two = LossWeights(ramp_epochs=2)
+    two = LossWeights(LossConfig(ramp_epochs=2))
     assert two.effective(0, 1.0)["cooc"] == 5.0 and two.effective(1, 0.5)["cooc"] == 7.5
     assert two.effective(2, 0.0)["contrastive"] == 0.05
-    assert LossWeights(ramp_epochs=0).effective(0, 0.0)["cooc"] == 10.0
+    assert LossWeights(LossConfig(ramp_epochs=0)).effective(0, 0.0)["cooc"] == 10.0
 
 
-def test_weights_from_config_follow_the_yaml_names() -> None:
-    from sst_dist.config import LossConfig
-
+def test_weights_follow_the_config_loss_section() -> None:
     loss = LossConfig(bce=2.0, intra_bce=0.5, inter_bce=0.25, cooccurrence=3.0, contrastive=0.1,
                       ramp_epochs=0)
-    w = LossWeights.from_config(loss, warmup_epochs=3)
-    assert w == LossWeights(2.0, 0.5, 0.25, 3.0, 0.1, warmup_epochs=3, ramp_epochs=0)
+    w = LossWeights(loss, warmup_epochs=3)
+    assert w.effective(0, 0.0) == {"bce": 2.0, "intra": 0.0, "inter": 0.0, "cooc": 3.0, "contrastive": 0.1}
+    assert w.effective(3)["intra"] == 0.5 and w.effective(3)["inter"] == 0.25
 
 
 def test_sst_loss_terms_and_total() -> None:

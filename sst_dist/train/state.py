@@ -52,7 +52,7 @@ class DistributedSST:
         self.schedule = MarginSchedule(
             start=p.margin_start, floor=p.margin_min, step=p.margin_step, warmup_epochs=p.warmup_epochs
         )
-        self.weights = L.LossWeights.from_config(cfg.loss, p.warmup_epochs)
+        self.weights = L.LossWeights(cfg.loss, p.warmup_epochs)
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(int(cfg.train.seed) * 1000003 + 17)
         if D.world_size() > 1:  # same seed everywhere already; rank 0's state makes it certain
