@@ -43,6 +43,8 @@ die() { echo "deepspeed.sh: $*" >&2; echo "Run 'launch/deepspeed.sh --help' for 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SST_ROOT=${SST_ROOT:-$(dirname "$SCRIPT_DIR")}
 SST_VENV=${SST_VENV:-$SST_ROOT/.venv}
+# shellcheck source=launch/common.sh
+source "$SCRIPT_DIR/common.sh"
 
 num_gpus=${NUM_GPUS:-}
 hostfile=${HOSTFILE:-}
@@ -74,22 +76,12 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
 [[ -z "$num_gpus" ]] || is_int "$num_gpus" || die "--num-gpus must be a positive integer, got '$num_gpus'"
 [[ -z "$num_nodes" ]] || is_int "$num_nodes" || die "--num-nodes must be a positive integer, got '$num_nodes'"
 is_int "$master_port" || die "--master-port must be an integer, got '$master_port'"
 [[ -z "$hostfile" || -f "$hostfile" ]] || die "hostfile '$hostfile' does not exist"
 
-# Python and launcher: the project's virtualenv when there is one, else whatever is on PATH.
-if [[ -x "$SST_VENV/bin/python" ]]; then
-  PYTHON="$SST_VENV/bin/python"
-  # Append, not prepend, the venv's bin: its tools (ninja, deepspeed) are found, yet a system ninja
-  # keeps winning when present. DeepSpeed JIT-builds its CPU comm op with the first ninja on PATH and
-  # ninja 1.11 and 1.13 hash commands differently, so mixing them rebuilds the shared op cache (~2 min).
-  case ":$PATH:" in *":$SST_VENV/bin:"*) ;; *) export PATH="$PATH:$SST_VENV/bin" ;; esac
-else
-  PYTHON=$(command -v python3 || command -v python) || die "no python found (set SST_VENV)"
-fi
+find_python
 "$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed') is None)" \
   || die "deepspeed is not installed for $PYTHON (set SST_VENV)"
 if [[ -x "$SST_VENV/bin/deepspeed" ]]; then
@@ -97,19 +89,10 @@ if [[ -x "$SST_VENV/bin/deepspeed" ]]; then
 else
   DEEPSPEED=$(command -v deepspeed) || die "the deepspeed launcher is not on PATH (set SST_VENV)"
 fi
-export PYTHONPATH="$SST_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-if [[ -n "$probe_dir" ]]; then
-  [[ $# -eq 0 ]] || die "--probe takes no CONFIG or overrides (got: $*)"
-  entry=("$SST_ROOT/launch/probe.py" --out "$probe_dir")
-  module_flag=()
-else
-  [[ $# -ge 1 ]] || die "missing CONFIG (a run-config YAML, e.g. launch/configs/debug.yaml)"
-  config=$1; shift
-  [[ -f "$config" ]] || die "config file '$config' does not exist"
-  entry=(sst_dist.cli train "$config" "$@")
-  module_flag=(--module)
-fi
+set_entry "$probe_dir" "$@"
+module_flag=()
+if [[ $ENTRY_IS_MODULE == 1 ]]; then module_flag=(--module); fi
 
 if [[ -z "$num_gpus" && -z "$hostfile" && "${DS_ACCELERATOR:-}" == "cpu" ]]; then
   num_gpus=2

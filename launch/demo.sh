@@ -53,12 +53,9 @@ overrides=("$@")
 [[ "$ranks" =~ ^[1-9][0-9]*$ ]] || die "--ranks must be a positive integer, got '$ranks'"
 [[ -f "$config" ]] || die "config file '$config' does not exist"
 
-if [[ -x "$SST_VENV/bin/python" ]]; then
-  PYTHON="$SST_VENV/bin/python"
-else
-  PYTHON=$(command -v python3 || command -v python) || die "no python found (set SST_VENV)"
-fi
-export PYTHONPATH="$SST_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=launch/common.sh
+source "$SST_ROOT/launch/common.sh"
+find_python
 export DS_ACCELERATOR=cpu
 sst() { "$PYTHON" -m sst_dist.cli "$@"; }
 

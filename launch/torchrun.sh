@@ -39,6 +39,8 @@ die() { echo "torchrun.sh: $*" >&2; echo "Run 'launch/torchrun.sh --help' for us
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SST_ROOT=${SST_ROOT:-$(dirname "$SCRIPT_DIR")}
 SST_VENV=${SST_VENV:-$SST_ROOT/.venv}
+# shellcheck source=launch/common.sh
+source "$SCRIPT_DIR/common.sh"
 
 nnodes=${NNODES:-1}
 node_rank=${NODE_RANK:-0}
@@ -68,23 +70,13 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
 is_int "$nnodes" && [[ "$nnodes" -ge 1 ]] || die "NNODES must be a positive integer, got '$nnodes'"
 is_int "$node_rank" && [[ "$node_rank" -lt "$nnodes" ]] \
   || die "NODE_RANK must be an integer in [0, $nnodes), got '$node_rank'"
 is_int "$master_port" || die "MASTER_PORT must be an integer, got '$master_port'"
 case "$rdzv_backend" in c10d|static) ;; *) die "RDZV_BACKEND must be c10d or static, got '$rdzv_backend'" ;; esac
 
-if [[ -x "$SST_VENV/bin/python" ]]; then
-  PYTHON="$SST_VENV/bin/python"
-  # Append, not prepend, the venv's bin: its tools (ninja, deepspeed) are found, yet a system ninja
-  # keeps winning when present. DeepSpeed JIT-builds its CPU comm op with the first ninja on PATH and
-  # ninja 1.11 and 1.13 hash commands differently, so mixing them rebuilds the shared op cache (~2 min).
-  case ":$PATH:" in *":$SST_VENV/bin:"*) ;; *) export PATH="$PATH:$SST_VENV/bin" ;; esac
-else
-  PYTHON=$(command -v python3 || command -v python) || die "no python found (set SST_VENV)"
-fi
-export PYTHONPATH="$SST_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+find_python
 
 if [[ -z "$nproc" ]]; then
   if [[ "${DS_ACCELERATOR:-}" == "cpu" ]]; then
@@ -95,15 +87,8 @@ if [[ -z "$nproc" ]]; then
 fi
 is_int "$nproc" && [[ "$nproc" -ge 1 ]] || die "NPROC_PER_NODE must be a positive integer, got '$nproc'"
 
-if [[ -n "$probe_dir" ]]; then
-  [[ $# -eq 0 ]] || die "--probe takes no CONFIG or overrides (got: $*)"
-  entry=("$SST_ROOT/launch/probe.py" --out "$probe_dir")
-else
-  [[ $# -ge 1 ]] || die "missing CONFIG (a run-config YAML, e.g. launch/configs/debug.yaml)"
-  config=$1; shift
-  [[ -f "$config" ]] || die "config file '$config' does not exist"
-  entry=(-m sst_dist.cli train "$config" "$@")
-fi
+set_entry "$probe_dir" "$@"
+if [[ $ENTRY_IS_MODULE == 1 ]]; then entry=(-m "${entry[@]}"); fi
 
 tr_args=(--nnodes "$nnodes" --nproc_per_node "$nproc")
 if [[ "$rdzv_backend" == c10d ]]; then
