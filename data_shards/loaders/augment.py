@@ -11,7 +11,6 @@ generator state to carry between processes, identical in every backend and worke
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,14 +88,11 @@ def normalize_uint8(images: torch.Tensor, dtype: torch.dtype = torch.float32) ->
 # ----------------------------------------------------------------------------------------------
 # PIL implementation (the torch CPU backend)
 # ----------------------------------------------------------------------------------------------
-def pil_decode(data: bytes):
-    """Decode to an RGB PIL image (fully loaded)."""
-    from PIL import Image
+def pil_decode(data: bytes, where: str | None = None):
+    """Decode to the 8-bit RGB picture a viewer shows (:func:`data_shards.images.open_rgb`)."""
+    from data_shards.images import open_rgb
 
-    im = Image.open(io.BytesIO(data))
-    im = im.convert("RGB")
-    im.load()
-    return im
+    return open_rgb(data, where=where)
 
 
 def pil_train(im, cfg: AugConfig, side: int, x: int, y: int, flip: bool) -> np.ndarray:
@@ -116,3 +112,12 @@ def pil_eval(im, cfg: AugConfig) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(im.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC))
+
+
+def eval_tensor(im, image_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The loaders' eval transform of one decoded RGB image -> normalized (3, S, S) tensor.
+
+    ``predict`` uses it on ``open_rgb(path)`` so single images get exactly the loaders' pixels.
+    """
+    arr = pil_eval(im, AugConfig(image_size))
+    return normalize_uint8(torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous(), dtype)[0]
