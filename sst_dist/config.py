@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sst_dist.model.sst import ModelConfig
+from sst_dist.model.config import ModelConfig  # re-exported: the model section of a RunConfig
 
 
 class ConfigError(ValueError):

@@ -13,7 +13,11 @@ __all__ = ["ModelConfig", "SSTModel", "SSTOutput", "cooccurrence_adjacency"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("ModelConfig", "SSTModel", "SSTOutput"):
+    if name == "ModelConfig":
+        from sst_dist.model.config import ModelConfig
+
+        return ModelConfig
+    if name in ("SSTModel", "SSTOutput"):
         from sst_dist.model import sst
 
         return getattr(sst, name)

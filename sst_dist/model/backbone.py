@@ -13,14 +13,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-# name -> (torchvision builder name, weights enum name, trunk output channels)
-BACKBONES: dict[str, tuple[str, str, int]] = {
-    "resnet18": ("resnet18", "ResNet18_Weights", 512),
-    "resnet34": ("resnet34", "ResNet34_Weights", 512),
-    "resnet50": ("resnet50", "ResNet50_Weights", 2048),
-    "resnet101": ("resnet101", "ResNet101_Weights", 2048),
-}
-FREEZE_POLICIES = ("layer4", "none")
+from sst_dist.model.config import BACKBONES, FREEZE_POLICIES
+
 _TRUNK_PARTS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 

@@ -11,8 +11,7 @@ import torch
 import torch.nn as nn
 
 from kernels.dispatch import semantic_attention
-
-IMPLS = ("reference", "fused", "triton")
+from sst_dist.model.config import IMPLS
 
 
 class SemanticDecoupling(nn.Module):
