@@ -20,6 +20,7 @@ setup(
         "tensorboard>=2.15",
         "matplotlib>=3.8",
         "pillow>=10",
+        "defusedxml>=0.7",  # hardened XML parser for VOC annotations (data_shards.voc)
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6"],
