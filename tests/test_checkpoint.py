@@ -12,9 +12,10 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from sst_dist.train.checkpoint import CheckpointManager
+from sst_dist.train.checkpoint import CheckpointError, CheckpointManager
 
 
 class FileEngine:
@@ -76,7 +77,9 @@ def test_load_restores_rng_and_falls_back_when_latest_is_damaged(tmp_path):
     assert got == expect  # RNG states as they were when epoch 1 was saved
 
     (mgr.root / "epoch_0001" / "sst_state.pt").write_bytes(b"torn")
-    assert mgr.load(FileEngine()) is None
+    with pytest.raises(CheckpointError, match="no usable checkpoint") as err:
+        mgr.load(FileEngine())
+    assert "epoch_0001/sst_state.pt" in str(err.value) and "epoch_0002/engine/model.pt" in str(err.value)
 
 
 def test_explicit_path_and_empty_run(tmp_path):
@@ -89,3 +92,50 @@ def test_explicit_path_and_empty_run(tmp_path):
     assert where.name == "epoch_0001" and eng.value == 1.0
     where, *_ = CheckpointManager(tmp_path / "other").load(FileEngine(), tmp_path / "run")
     assert where.name == "epoch_0002"
+
+
+def test_read_pointer_accepts_only_checkpoint_names_of_its_own_run(tmp_path):
+    from sst_dist.train.checkpoint import read_pointer
+
+    mgr = CheckpointManager(tmp_path / "run", keep=5)
+    root = mgr.root
+    assert read_pointer(root, "latest") is None  # no pointer yet
+    _save(mgr, 1, 1.0)
+    assert read_pointer(root, "latest") == root / "epoch_0001"
+    other = tmp_path / "elsewhere" / "epoch_0009"
+    other.mkdir(parents=True)
+    (root / "epoch_0008").symlink_to(other, target_is_directory=True)
+    bad = ("../elsewhere/epoch_0009", str(other), "epoch_0008", "epoch_0007", "epoch_1", "", "x" * 5000)
+    for text in bad:
+        (root / "best").write_text(text + "\n")
+        with pytest.raises(ValueError, match="pointer file .*best"):
+            read_pointer(root, "best")
+    (root / "best").unlink()
+    (root / "best").symlink_to(root / "latest")  # a linked pointer file is refused too
+    with pytest.raises(ValueError, match="pointer file .*best.* link"):
+        read_pointer(root, "best")
+    # the manager ignores a bad pointer (warning) and resumes the newest complete checkpoint of its run
+    (root / "latest").write_text("../elsewhere/epoch_0009\n")
+    assert mgr.candidates()[0] == root / "epoch_0001" and mgr.best() is None
+
+
+def test_checkpoint_files_load_without_pickle_and_hold_the_config(tmp_path):
+    from sst_dist.config import load_config
+    from sst_dist.safe_load import load_tensors
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "launch" / "configs" / "debug.yaml")
+    mgr = CheckpointManager(tmp_path / "run", keep=2)
+    np.random.seed(3)
+    random.seed(3)
+    path = mgr.save(FileEngine(1.0), 1, 10, {"bank": torch.zeros(2)}, {"loader": {"e": 1}}, config=cfg)
+    rank = load_tensors(path / "rank_00000.pt")  # weights_only=True: tensors and plain containers
+    sst = load_tensors(path / "sst_state.pt")
+    assert rank["loader"] == {"e": 1} and torch.equal(sst["bank"], torch.zeros(2))
+    assert load_config(path / "config.yaml") == cfg
+    meta = json.loads((path / "meta.json").read_text())
+    assert "config.yaml" in meta["files"] and meta["sizes"]["sst_state.pt"] > 0
+    from sst_dist.train.checkpoint import set_rng_state
+
+    expect = (random.random(), float(np.random.rand()), np.random.randn())
+    set_rng_state(rank["rng"])
+    assert (random.random(), float(np.random.rand()), np.random.randn()) == expect

@@ -326,7 +326,8 @@ class Trainer:
             rank_state["loader"] = self.data.train_loader.state_dict()
         extra = {"mAP": mAP, "class_names": self.data.class_names}
         path = self.checkpoints.save(
-            self.engine, self.epoch, self.global_step, self.state_dict(), rank_state, extra, mid_epoch
+            self.engine, self.epoch, self.global_step, self.state_dict(), rank_state, extra, mid_epoch,
+            config=self.cfg,
         )
         if mAP is not None and mAP >= self.best_map and self.rank == 0:
             self.checkpoints.mark_best(path.name)
