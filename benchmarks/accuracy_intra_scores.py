@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_shards.loaders import build_loader  # noqa: E402
 from sst_dist.pseudo import intra_scores  # noqa: E402
-from sst_dist.train.evaluate_cli import load_checkpoint_model  # noqa: E402
+from sst_dist.train.inference import load_for_inference  # noqa: E402
 
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -43,7 +43,7 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 @torch.no_grad()
 def collect(run_dir: str, max_batches: int = 0) -> dict:
-    model, cfg, _ = load_checkpoint_model(run_dir)
+    model, cfg, _ = load_for_inference(run_dir)
     d = cfg.data
     loader = build_loader(d.root, d.train_split, train=False, batch_size=64, image_size=d.image_size,
                           proportion=d.proportion, seed=d.seed, num_workers=0, backend="torch",

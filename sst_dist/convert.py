@@ -8,12 +8,16 @@ tensors. Also provides the ``sst-dist convert-checkpoint IN OUT`` subcommand.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
-import tempfile
+import sys
 from typing import Any
 
 import torch
+
+from data_shards.safe_io import UnsafePathError, atomic_write_bytes
+from sst_dist.safe_load import load_tensors
 
 # reference prefix -> our prefix (longest match first where prefixes nest)
 _PREFIXES: list[tuple[str, str]] = [
@@ -69,13 +73,7 @@ def _read(
         path = os.fspath(path_or_dict)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"reference checkpoint not found: {path!r}")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-        except Exception as exc:
-            raise ValueError(
-                f"cannot read reference checkpoint {path!r} as plain tensors ({exc}); if you trust the "
-                "file, retry with --trust-pickle (trust_pickle=True) to allow arbitrary pickled objects"
-            ) from exc
+        obj = load_tensors(path, trust=trust_pickle)
         meta["source"] = path
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         for key in ("epoch", "best_mAP"):
@@ -183,49 +181,81 @@ def build_model(state: dict[str, torch.Tensor], info: dict[str, Any], **override
     return model
 
 
+def read_converted(
+    path: str | os.PathLike, trust: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
+    """(state dict without the memory bank, model_config or None, info) of a converted file.
+
+    Accepts what ``convert-checkpoint`` writes and a bare state dict of our names (no
+    model_config then). Read as tensors only unless ``trust``; one-line errors name the file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"converted checkpoint {path} does not exist")
+    payload = load_tensors(path, trust=trust)
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        state, model_cfg = payload["model"], payload.get("model_config")
+        info = payload.get("info") if isinstance(payload.get("info"), dict) else {}
+    elif isinstance(payload, dict) and payload and all(torch.is_tensor(v) for v in payload.values()):
+        state, model_cfg, info = payload, None, {}
+    else:
+        raise ValueError(f"{path}: not a converted SST checkpoint (expected {{'model': state_dict, ...}})")
+    if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"{path}: its 'model' entry is not a state dict of tensors")
+    if model_cfg is not None and not isinstance(model_cfg, dict):
+        raise ValueError(f"{path}: 'model_config' is not a mapping")
+    # the memory bank is training state (its size is the run's choice), not a weight
+    state = {k: v for k, v in state.items() if not k.startswith("bank.")}
+    return state, (dict(model_cfg) if model_cfg is not None else None), dict(info)
+
+
 def load_converted_into(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     """Load a ``convert-checkpoint`` output (or a bare state dict of our names) into ``model``.
 
     Everything but the memory bank must fit: the official model's adjacency, label embeddings
     and weights replace the fresh model's, so evaluation and fine-tuning start from it exactly.
+    A model config that disagrees with the file's in a field that changes outputs is an error.
     Returns the file's ``info`` (empty for a bare state dict).
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"converted checkpoint {path} does not exist")
+    from sst_dist.train.inference import check_model_agreement
+
+    state, model_cfg, info = read_converted(path)
+    if model_cfg is not None and hasattr(model, "cfg"):
+        check_model_agreement(model_cfg, model.cfg, where="the run config")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle errors come in many types
-        raise ValueError(f"{path}: not a converted SST checkpoint ({e})") from e
-    state = payload.get("model", payload) if isinstance(payload, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected {{'model': state_dict, ...}} or a state dict")
-    # the memory bank is training state (its size is the run's choice), not a weight
-    state = {k: v for k, v in state.items() if not k.startswith("bank.")}
-    result = model.load_state_dict(state, strict=False)
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{os.fspath(path)} does not fit the configured model: {_first_lines(e)}") from None
     missing = [k for k in result.missing_keys if not k.startswith("bank.")]
     if missing or result.unexpected_keys:
         raise ValueError(
-            f"{path} does not fit the configured model (check model.* against its model_config "
-            f"{payload.get('model_config')}): missing {missing[:8]}, unexpected {result.unexpected_keys[:8]}"
+            f"{os.fspath(path)} does not fit the configured model (check model.* against its model_config "
+            f"{model_cfg}): missing {missing[:8]}, unexpected {result.unexpected_keys[:8]}"
         )
-    return dict(payload.get("info", {})) if "model" in payload else {}
+    return info
+
+
+def _first_lines(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return " ".join(lines[1:3] or lines[:1])[:300]
 
 
 def _run(args: argparse.Namespace) -> int:
-    state, info = convert_reference_checkpoint(args.input, trust_pickle=args.trust_pickle)
-    model = build_model(state, info)  # proves the result loads; fills the (empty) memory bank
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(out_dir, exist_ok=True)
-    payload = {"model": model.state_dict(), "model_config": info["model_config"], "info": info}
-    fd, tmp = tempfile.mkstemp(prefix=".convert-", suffix=".tmp", dir=out_dir)
-    os.close(fd)
+    """Convert, prove the result loads, write it (never over an existing file); exit 2 on bad input."""
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, args.output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _refuse_existing(args.output)
+        state, info = convert_reference_checkpoint(args.input, trust_pickle=args.trust_checkpoint)
+        model = build_model(state, info)  # proves the result loads; fills the (empty) memory bank
+        payload = {"model": model.state_dict(), "model_config": info["model_config"], "info": info}
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        out_dir = os.path.dirname(os.path.abspath(args.output))
+        os.makedirs(out_dir, exist_ok=True)
+        _refuse_existing(args.output)  # again: it may have appeared while converting
+        atomic_write_bytes(args.output, buf.getvalue(), mode=0o644 & ~_umask())
+    except (FileNotFoundError, ValueError, UnsafePathError, OSError) as e:
+        print(f"sst-dist convert-checkpoint: {e}", file=sys.stderr)
+        return 2
     print(
         f"wrote {args.output}: {info['model_config']} "
         f"(NaN adjacency rows zeroed: {info['nan_adjacency_rows']})"
@@ -233,15 +263,36 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_existing(path: str) -> None:
+    if os.path.lexists(path):
+        raise ValueError(f"{path} already exists; choose a new output name (it is never overwritten)")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+EXIT_STATUSES = """exit status:
+  0  converted; OUT holds {'model': state_dict, 'model_config': {...}, 'info': {...}} (mode 0644)
+  2  bad input: missing or unreadable IN, pickled objects without --trust-checkpoint, not a
+     reference SST state dict, or OUT already exists (one line on stderr)"""
+
+
 def register(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``sst-dist convert-checkpoint IN OUT``."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXIT_STATUSES
     parser.add_argument("input", help="reference checkpoint (.pth with 'state_dict', or a bare state dict)")
     parser.add_argument(
         "output", help="output file: {'model': state_dict, 'model_config': {...}, 'info': {...}}"
     )
     parser.add_argument(
+        "--trust-checkpoint",
         "--trust-pickle",
+        dest="trust_checkpoint",
         action="store_true",
-        help="allow arbitrary pickled objects in the input (only for files you trust)",
+        help="allow arbitrary pickled objects in the input (they can run code: only for files you trust)",
     )
     parser.set_defaults(func=_run)

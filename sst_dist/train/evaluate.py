@@ -8,6 +8,7 @@ per-class AP JSON and a bar chart.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_shards.safe_io import atomic_write_bytes, atomic_write_text, ensure_own_dir
 from sst_dist import metrics as M
 from sst_dist.train import distributed as D
 
@@ -54,9 +56,11 @@ def gather_scores(
 
 
 def save_ap_artifacts(result: dict, class_names: list[str] | None, out_dir: str | Path, tag: str) -> Path:
-    """Per-class AP JSON and a bar chart PNG (matplotlib Agg), named by ``tag``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Per-class AP JSON and a bar chart PNG (matplotlib Agg), named by ``tag``.
+
+    Written atomically, never through a planted link, into a directory of this user's own.
+    """
+    out = ensure_own_dir(out_dir)
     ap = [float(a) for a in result["ap"]]
     names = class_names or [f"class_{i}" for i in range(len(ap))]
     doc = {
@@ -65,7 +69,7 @@ def save_ap_artifacts(result: dict, class_names: list[str] | None, out_dir: str 
         "ap": {n: (None if np.isnan(a) else a) for n, a in zip(names, ap)},
     }
     path = out / f"ap_{tag}.json"
-    path.write_text(json.dumps(doc, indent=1))
+    atomic_write_text(path, json.dumps(doc, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,8 +82,10 @@ def save_ap_artifacts(result: dict, class_names: list[str] | None, out_dir: str 
     ax.set_ylabel("AP (%)")
     ax.set_title(f"per-class AP, mAP {100 * result['mAP']:.2f} ({tag})")
     fig.tight_layout()
-    fig.savefig(out / f"ap_{tag}.png", dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    atomic_write_bytes(out / f"ap_{tag}.png", png.getvalue())
     return path
 
 

@@ -1,6 +1,11 @@
 """``sst-dist predict CHECKPOINT IMAGES...``: one JSON line per image with its labels and scores.
 
-Images get the evaluation transform (bicubic resize to ``data.image_size``, ImageNet mean/std).
+CHECKPOINT is anything ``sst-dist eval`` takes, converted files included (their own model config
+decides the model; ``--config`` may add the data settings, e.g. ``data.image_size``). Each image
+is read as the 8-bit RGB picture a viewer shows (``data_shards.images.open_rgb``: EXIF
+orientation, transparency on white, 16-bit scaled, a pixel limit against decompression bombs)
+and gets the loaders' own evaluation transform (``data_shards.loaders.augment.eval_tensor``).
+An image that cannot be read is reported on stderr and skipped; the others are still predicted.
 A label is predicted where its logit >= ``--threshold`` (0 = probability 0.5, the protocol's rule).
 """
 
@@ -9,63 +14,96 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+EXIT_STATUSES = """exit status:
+  0  every image predicted
+  2  bad input: a missing/damaged/unsafe checkpoint or config (nothing predicted), or at least
+     one image could not be read (each named on stderr; every other image was still predicted)"""
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """(3,size,size) float tensor, normalized; a clear error for a missing/undecodable file."""
-    from PIL import Image
+    """(3,size,size) normalized float tensor: exactly what the eval loaders give for this image."""
+    from data_shards.images import open_rgb
+    from data_shards.loaders.augment import eval_tensor
 
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(
-                im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32
-            )
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-    t = torch.from_numpy(arr).permute(2, 0, 1) / 255.0
-    return (t - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    return eval_tensor(open_rgb(path), size)
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint directory or run directory")
+    """Arguments of ``sst-dist predict``."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXIT_STATUSES
+    parser.add_argument(
+        "checkpoint", help="run directory, checkpoint directory, best/latest pointer or converted file"
+    )
     parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--config", default=None, help="run config to take data settings from (optional)")
     parser.add_argument("--threshold", type=float, default=0.0, help="logit threshold for a predicted label")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow pickled objects in the checkpoint files (they can run code: only for files you trust)",
+    )
     parser.set_defaults(func=run)
+
+
+def _readable(paths: list[str], size: int, failed: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(path, tensor) of each image that reads; the others are reported and listed in ``failed``."""
+    for p in paths:
+        try:
+            yield p, load_image(p, size)
+        except (OSError, ValueError) as e:
+            print(f"sst-dist predict: {e}", file=sys.stderr)
+            failed.append(p)
 
 
 @torch.no_grad()
 def run(args: argparse.Namespace) -> int:
-    from sst_dist.train.evaluate_cli import load_checkpoint_model
+    """Predict every readable image in batches; non-zero exit if any image was unreadable."""
+    from data_shards.safe_io import UnsafePathError
+    from sst_dist.train.inference import load_for_inference
 
+    if args.batch_size < 1:
+        print(f"sst-dist predict: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
+        return 2
     try:
-        model, cfg, meta = load_checkpoint_model(args.checkpoint)
-        images = [load_image(p, cfg.data.image_size) for p in args.images]
-    except (FileNotFoundError, ValueError) as e:
+        model, cfg, meta = load_for_inference(args.checkpoint, args.config, trust=args.trust_checkpoint)
+    except (FileNotFoundError, ValueError, UnsafePathError) as e:
         print(f"sst-dist predict: {e}", file=sys.stderr)
         return 2
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
     names = meta.get("class_names") or [f"class_{i}" for i in range(cfg.model.num_classes)]
-    for start in range(0, len(images), args.batch_size):
-        batch = torch.stack(images[start : start + args.batch_size]).to(device)
-        logits = model(batch).logits.float().cpu()
-        for path, row in zip(args.images[start : start + args.batch_size], logits):
+    failed: list[str] = []
+    batch: list[tuple[str, torch.Tensor]] = []
+
+    def flush() -> None:
+        logits = model(torch.stack([t for _, t in batch]).to(device)).logits.float().cpu()
+        for (path, _), row in zip(batch, logits):
             scores = torch.sigmoid(row).tolist()
-            print(
-                json.dumps(
-                    {
-                        "image": str(path),
-                        "labels": [n for n, x in zip(names, row.tolist()) if x >= args.threshold],
-                        "scores": {n: round(s, 6) for n, s in zip(names, scores)},
-                    }
-                )
-            )
+            labels = [n for n, x in zip(names, row.tolist()) if x >= args.threshold]
+            line = {
+                "image": str(path),
+                "labels": labels,
+                "scores": {n: round(s, 6) for n, s in zip(names, scores)},
+            }
+            print(json.dumps(line), flush=True)
+        batch.clear()
+
+    for item in _readable(args.images, cfg.data.image_size, failed):
+        batch.append(item)
+        if len(batch) == args.batch_size:
+            flush()
+    if batch:
+        flush()
+    if failed:
+        print(
+            f"sst-dist predict: {len(failed)} of {len(args.images)} images could not be read", file=sys.stderr
+        )
+        return 2
     return 0
