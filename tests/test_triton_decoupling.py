@@ -50,6 +50,38 @@ def test_matches_reference_float32(B, S, D, C, F):
     check_against_reference(B, S, D, C, F, torch.float32)
 
 
+def _late_max_inputs(B, S, D, C, F, dtype, seed=0):
+    """Inputs whose every softmax row peaks past the first tile of the attention kernel.
+
+    The forward kernel tiles positions by ``block(S, hi=64)``; a row whose maximum lies in the
+    first tile never exercises the online rescaling of the running sum. Positions s >= 64 get
+    U scaled up 8x, so their scores spread far wider and the row maxima land there."""
+    U, V, a, X = _inputs(B, S, D, C, F, torch.float32, seed=seed)
+    U[:, 64:] *= 8.0
+    score = (torch.tanh(U.double()[:, :, None, :] * V.double()[None, None]) * a.double()).sum(-1)
+    late = score.argmax(dim=1) >= 64  # (B,C): row maximum beyond the first tile
+    assert late.all(), f"precondition: {int((~late).sum())} rows peak in the first tile"
+    return [t.to(dtype) for t in (U, V, a, X)]
+
+
+@pytest.mark.parametrize("S", [81, 130], ids=["S81-two-tiles", "S130-three-tiles"])
+def test_row_maximum_in_a_later_tile(S):
+    """The online softmax must rescale its running sum when a later tile brings a new maximum."""
+    ins = _late_max_inputs(2, S, 6, 3, 5, torch.float32)
+    check_op_against_float64(
+        semantic_attention_triton, reference_semantic_attention, ins, "UVaX", (2, 3, 5)
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_row_maximum_in_a_later_tile_gpu():
+    ins = [t.cuda() for t in _late_max_inputs(4, 130, 64, 20, 96, torch.float32)]
+    check_op_against_float64(
+        semantic_attention_triton, reference_semantic_attention, ins, "UVaX", (4, 20, 96)
+    )
+
+
 def test_matches_reference_bfloat16():
     check_against_reference(2, 13, 11, 5, 7, torch.bfloat16)
 

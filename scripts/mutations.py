@@ -1,0 +1,185 @@
+"""The mutation list for scripts/mutation_check.py: small realistic bugs and the tests that must catch them.
+
+Each mutation replaces one exact snippet (``old``, which must occur exactly once in ``path``) by
+``new``. ``tests`` are pytest arguments (node ids, ``-k``) naming the few fastest tests that should
+fail. ``equivalent`` is set only for a mutant that cannot be caught because it does not change
+behaviour; it says why. ``pending`` names a test that does not exist yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Mutation:
+    id: str
+    area: str
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: list[str] = field(default_factory=list)
+    audit: bool = False  # one of the 9 bugs planted by the issue-15 audit
+    equivalent: str = ""  # why this mutant cannot be told apart (it then may survive)
+    pending: str = ""  # the test meant to catch it does not exist yet
+
+
+WS = "tests/test_world_size_invariance.py::test_two_ranks_match_one_rank"
+TRAINER_GRADS = "tests/test_trainer.py::test_every_trainable_parameter_gets_gradient_at_s_above_one"
+
+MUTATIONS: list[Mutation] = [
+    # ------------------------------------------------------------------ the audit's nine
+    Mutation(
+        "triton-softmax-rescale", "kernels", "online softmax: running sum not rescaled on a new maximum",
+        "kernels/triton_decoupling.py",
+        "l = l * tl.exp(m - m_new) + tl.sum(", "l = l + tl.sum(",
+        ["tests/test_triton_decoupling.py", "-k", "later_tile"], audit=True,
+    ),
+    Mutation(
+        "resume-lr-scheduler", "checkpointing", "LR-scheduler state not restored on resume",
+        "sst_dist/train/checkpoint.py",
+        "load_optimizer_states=True, load_lr_scheduler_states=True",
+        "load_optimizer_states=True, load_lr_scheduler_states=False",
+        ["tests/test_resume.py"], audit=True,
+        pending="the run-safety engineer's scheduler-resume test in tests/test_resume.py",
+    ),
+    Mutation(
+        "label-seed-is-train-seed", "loaders", "loader uses the training seed as the partial-label seed",
+        "data_shards/loaders/__init__.py",
+        "open_shard_set(shard_dir, split, proportion, label_seed,",
+        "open_shard_set(shard_dir, split, proportion, seed,",
+        ["tests/test_label_seed.py"], audit=True,
+    ),
+    Mutation(
+        "grad-allreduce-disabled", "distributed", "DeepSpeed's gradient all-reduce switched off",
+        "sst_dist/train/trainer.py",
+        "        self.model = self.engine.module\n",
+        "        self.model = self.engine.module\n        self.engine.enable_backward_allreduce = False\n",
+        [WS], audit=True,
+    ),
+    Mutation(
+        "bce-negative-term-dropped", "losses", "partial BCE drops the known-negative term",
+        "sst_dist/losses.py",
+        "+ torch.where(\n        neg, Fn.softplus(x), torch.zeros_like(x)\n    )",
+        "+ torch.where(\n        neg, Fn.softplus(x) * 0.0, torch.zeros_like(x)\n    )",
+        ["tests/test_losses.py", "-k", "partial_bce"], audit=True,
+    ),
+    Mutation(
+        "margin-off-by-one", "pseudo labels", "margin schedule decays one epoch early",
+        "sst_dist/pseudo.py",
+        "for _ in range(max(0, epoch - self.warmup_epochs)):",
+        "for _ in range(max(0, epoch - self.warmup_epochs + 1)):",
+        ["tests/test_pseudo.py", "-k", "margin"], audit=True,
+    ),
+    Mutation(
+        "bank-fifo-reversed", "bank", "bank FIFO pushes a batch's positives in reverse order",
+        "kernels/torch_similarity.py",
+        "rank = torch.cumsum(pos.long(), dim=1) - pos.long()",
+        "rank = pos.long().sum(dim=1, keepdim=True) - torch.cumsum(pos.long(), dim=1)",
+        ["tests/test_bank.py", "-k", "update"], audit=True,
+    ),
+    Mutation(
+        "ap-not-monotone", "metrics", "AP uses raw precision, not made monotone from the right",
+        "sst_dist/metrics.py",
+        "best = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]",
+        "best = precision",
+        ["tests/test_metrics.py", "-k", "ap_hand_worked or slow_loops"], audit=True,
+    ),
+    Mutation(
+        "pair-order-column-major", "losses", "pair targets laid out column-major (tril) instead of row-major",
+        "sst_dist/losses.py",
+        '    """t (B,P) = [y_i = +1][y_j = +1] over pairs i<j in row-major order (unknown counts as 0)."""\n'
+        "    C = labels.shape[1]\n    i, j = torch.triu_indices(C, C, 1, device=labels.device)",
+        '    """t (B,P) = [y_i = +1][y_j = +1] over pairs i<j in row-major order (unknown counts as 0)."""\n'
+        "    C = labels.shape[1]\n    i, j = torch.tril_indices(C, C, -1, device=labels.device)",
+        ["tests/test_losses.py", "-k", "cooc_hand_worked or cooc_vs_literal"], audit=True,
+    ),
+    # ------------------------------------------------------------------ ten more
+    Mutation(
+        "world-scale-dropped", "distributed", "loss not multiplied by world size (DeepSpeed averages)",
+        "sst_dist/train/state.py",
+        "        loss = loss * world\n", "        loss = loss\n",
+        [WS],
+    ),
+    Mutation(
+        "contrastive-sign-swapped", "losses", "contrastive: positive pairs pay 1+cos, negatives 1-cos",
+        "sst_dist/losses.py",
+        "term = torch.where(pp, 1.0 - cos, 1.0 + cos)", "term = torch.where(pp, 1.0 + cos, 1.0 - cos)",
+        ["tests/test_losses.py", "-k", "contrastive_hand_worked"],
+    ),
+    Mutation(
+        "asl-clip-dropped", "losses", "co-occurrence ASL ignores the probability shift (clip)",
+        "sst_dist/losses.py",
+        "pn = (torch.sigmoid(-x) + clip).clamp(max=1.0) if clip and clip > 0 else torch.sigmoid(-x)",
+        "pn = torch.sigmoid(-x)",
+        ["tests/test_losses.py", "-k", "cooc_hand_worked"],
+    ),
+    Mutation(
+        "intra-overwrites-negatives", "pseudo labels", "intra pseudo labels may flip known negatives",
+        "sst_dist/pseudo.py",
+        "torch.where((labels == 0) & (s >= margin)", "torch.where((labels != 1) & (s >= margin)",
+        ["tests/test_pseudo.py", "-k", "hand_worked or never_negative"],
+    ),
+    Mutation(
+        "intra-not-normalized", "pseudo labels", "intra score summed, not averaged over known positives",
+        "sst_dist/pseudo.py",
+        "    return s / pos.sum(dim=1, keepdim=True).clamp_min(1.0)\n", "    return s\n",
+        ["tests/test_pseudo.py", "-k", "hand_worked or slow_loop"],
+    ),
+    Mutation(
+        "bank-slots-not-normalized", "bank", "bank similarity averages raw slots, not unit rows",
+        "kernels/torch_similarity.py",
+        "proto = normalize_rows(bank.to(dt)).mean(dim=1)", "proto = bank.to(dt).mean(dim=1)",
+        ["tests/test_bank.py", "-k", "pseudo_labels_hand_worked or reference_vs_fused"],
+    ),
+    Mutation(
+        "triton-dscore-no-rowsum", "kernels", "attention backward forgets the softmax row-sum term",
+        "kernels/triton_decoupling.py",
+        "p * (dp - rs[:, None]), mask=msk)", "p * dp, mask=msk)",
+        ["tests/test_triton_decoupling.py", "-k", "matches_reference_float32 and primes"],
+    ),
+    Mutation(
+        "bank-threshold-strict", "bank", "bank pseudo labels need sim > margin instead of >=",
+        "kernels/torch_similarity.py",
+        "completed = torch.where((labels == 0) & (sim >= margin), torch.ones_like(labels), labels)\n"
+        "    return sim, completed",
+        "completed = torch.where((labels == 0) & (sim > margin), torch.ones_like(labels), labels)\n"
+        "    return sim, completed",
+        ["tests/test_bank.py", "-k", "pseudo_labels"],
+    ),
+    Mutation(
+        "checkpoint-bank-not-saved", "checkpointing", "SST state saves an empty bank",
+        "sst_dist/train/state.py",
+        '"bank": {k: v.detach().cpu().clone() for k, v in self.bank.state_dict().items()},',
+        '"bank": {k: torch.zeros_like(v).cpu() for k, v in self.bank.state_dict().items()},',
+        ["tests/test_zero_stages.py", "-k", "1"],
+    ),
+    Mutation(
+        "loader-ranks-overlap", "loaders", "train plan: rank shares overlap (offset rank, not rank*per)",
+        "data_shards/loaders/common.py",
+        "share = order[rank * per: rank * per + count * batch_size]",
+        "share = order[rank: rank + count * batch_size]",
+        ["tests/test_loaders.py", "-k", "disjoint_complete and torch"],
+    ),
+    Mutation(
+        "op-uses-ground-truth", "metrics", "overall precision divides by ground-truth count",
+        "sst_dist/metrics.py",
+        "op = nc.sum() / np_.sum()", "op = nc.sum() / ng.sum()",
+        ["tests/test_metrics.py", "-k", "prf_hand_worked or slow_loops"],
+    ),
+    Mutation(
+        "embeddings-detached", "model", "label embeddings cut from the graph (no gradient reaches them)",
+        "sst_dist/model/decoupling.py",
+        "        V = self.fc2(embeddings)  # (C,D)\n",
+        "        V = self.fc2(embeddings.detach())  # (C,D)\n",
+        [TRAINER_GRADS],
+    ),
+    Mutation(
+        "ci-skips-silently", "test harness", "conftest no longer turns CI skips into failures",
+        "tests/conftest.py",
+        "    if not (report.skipped and _in_ci()) or \"gpu\" in item.keywords:",
+        "    if True:",
+        ["tests/test_ci_skips.py"],
+    ),
+]
