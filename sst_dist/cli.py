@@ -43,7 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:  # a subcommand that let a config error through: one line, status 2
+        from sst_dist.config_schema import ConfigError
+
+        if not isinstance(e, ConfigError):
+            raise
+        print(f"sst-dist {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,245 +1,81 @@
-"""Run configuration: nested dataclasses that validate themselves, loaded from YAML.
+"""Run configuration: one YAML file plus ``key.sub=value`` overrides, validated before any heavy work.
 
-A run is described by one YAML file plus ``key.sub=value`` overrides from the command line
-(each value typed by the dataclass field it sets). Everything is validated here, before any
-heavy import or data access, so a typo fails in a second with the key and the allowed values
-instead of after model construction. ``${VAR}`` / ``${VAR:-default}`` in string fields expand
-from the environment, so configs hold no machine-specific paths (``${SST_DATA_ROOT}``,
-``${SST_OUTPUT_ROOT}``). The model section is the model's own :class:`ModelConfig`.
+Each value is typed by the dataclass field it sets (:mod:`sst_dist.config_schema`) and checked
+there, so a typo or an out-of-range value fails in a fraction of a second (no torch import)
+with one line that names the file and the key. Non-finite numbers are refused everywhere.
+
+Environment expansion (README "Trust model"): ``${VAR}`` / ``${VAR:-default}`` in string
+fields expand only for variables named ``SST_*``, read once while loading; any other name is
+refused, so a config cannot copy ``${HOME}`` or ``${AWS_SECRET_ACCESS_KEY}`` into directory
+names, logs or the saved config. The expansion is a single pass: a variable's value is never
+expanded again. ``save_config`` writes the text the user wrote (``${SST_DATA_ROOT:-data}/x``),
+not the expanded value; loading the saved file expands it again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from sst_dist.model.config import ModelConfig  # re-exported: the model section of a RunConfig
+from data_shards.safe_io import atomic_write_text
+from sst_dist.config_schema import (
+    SEED_MAX,
+    ConfigError,
+    ConfigFileError,
+    DataConfig,
+    LossConfig,
+    OutputConfig,
+    PseudoConfig,
+    RunConfig,
+    SyntheticConfig,
+    TrainConfig,
+)
+from sst_dist.model.config import ModelConfig
 
+__all__ = [
+    "ENV_PREFIX",
+    "SEED_MAX",
+    "ConfigError",
+    "ConfigFileError",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "PseudoConfig",
+    "RunConfig",
+    "SyntheticConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "expand_env",
+    "load_config",
+    "save_config",
+]
 
-class ConfigError(ValueError):
-    """A config key is unknown, mistyped or out of range; the message names the key."""
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"config key {key!r}: {msg}")
-
-
-@dataclass
-class SyntheticConfig:
-    """Generated scenes for tests and the demo (data_shards.synthetic), built when missing."""
-
-    enabled: bool = False
-    num_train: int = 64
-    num_test: int = 32
-    num_classes: int = 6
-    image_size: int = 64
-    seed: int = 0
-
-    def validate(self, prefix: str) -> None:
-        for name in ("num_train", "num_test", "num_classes", "image_size"):
-            _check(getattr(self, name) > 0, f"{prefix}.{name}", f"must be > 0, got {getattr(self, name)}")
-
-
-@dataclass
-class DataConfig:
-    """Where the shards are and how the loader reads them (data_shards.loaders.build_loader)."""
-
-    root: str = "${SST_DATA_ROOT:-data}/coco2014"
-    train_split: str = "train"
-    test_split: str = "test"
-    proportion: float = 0.1
-    seed: int = 0
-    image_size: int = 448
-    backend: Literal["auto", "dali", "torch", "torch-gpu"] = "auto"
-    num_workers: int = 2
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-
-    def validate(self, prefix: str) -> None:
-        _check(
-            0.0 < self.proportion <= 1.0, f"{prefix}.proportion", f"must be in (0, 1], got {self.proportion}"
-        )
-        _check(self.image_size >= 32, f"{prefix}.image_size", f"must be >= 32, got {self.image_size}")
-        _check(self.num_workers >= 0, f"{prefix}.num_workers", f"must be >= 0, got {self.num_workers}")
-        _check(bool(self.root), f"{prefix}.root", "must not be empty")
-        self.synthetic.validate(f"{prefix}.synthetic")
-
-
-@dataclass
-class LossConfig:
-    """Loss weights (DESIGN §3) and the epoch-0 ramp of the co-occurrence/contrastive terms
-    (``sst_dist.losses.LossWeights`` applies them)."""
-
-    bce: float = 1.0
-    intra_bce: float = 1.0
-    inter_bce: float = 1.0
-    cooccurrence: float = 10.0
-    contrastive: float = 0.05
-    ramp_epochs: int = 1
-    # pair-head targets: "reference" counts unknown labels as 0 (DESIGN); "known" leaves out the
-    # pairs whose target is unknown (see docs/accuracy.md)
-    pair_targets: Literal["reference", "known"] = "reference"
-
-    def validate(self, prefix: str) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, (int, float)):
-                _check(v >= 0, f"{prefix}.{f.name}", f"must be >= 0, got {v}")
-
-
-@dataclass
-class PseudoConfig:
-    """Warm-up epoch E0 and the margin schedule (start, step per epoch >= E0, floor)."""
-
-    warmup_epochs: int = 5
-    margin_start: float = 0.95
-    margin_step: float = 0.025
-    margin_min: float = 0.75
-
-    def validate(self, prefix: str) -> None:
-        _check(self.warmup_epochs >= 0, f"{prefix}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
-        _check(
-            0.0 <= self.margin_min <= self.margin_start <= 1.0,
-            f"{prefix}.margin_start",
-            f"need 0 <= margin_min <= margin_start <= 1, got {self.margin_min}, {self.margin_start}",
-        )
-        _check(self.margin_step >= 0, f"{prefix}.margin_step", f"must be >= 0, got {self.margin_step}")
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation and engine settings; batch_size is per rank (DeepSpeed micro batch)."""
-
-    epochs: int = 20
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 5e-4
-    lr_step_epochs: int = 10
-    lr_gamma: float = 0.1
-    clip_grad: float = 0.0
-    # bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master copy); bf16-autocast: fp32 weights
-    # and optimizer, bf16 matmuls under torch.autocast (DeepSpeed's torch_autocast)
-    precision: Literal["fp32", "bf16", "bf16-autocast", "fp16"] = "fp32"
-    zero_stage: int = 0
-    batchnorm: Literal["sync", "frozen", "local"] = "sync"
-    seed: int = 0
-    max_bad_steps: int = 5
-    max_steps_per_epoch: int = 0
-    init_from: str = ""  # weights to start from: a `sst-dist convert-checkpoint` output (official SST)
-    log_every: int = 10
-    eval_every: int = 1
-    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
-    progress: bool = True
-
-    def validate(self, prefix: str) -> None:
-        for name in (
-            "epochs",
-            "batch_size",
-            "grad_accum",
-            "lr_step_epochs",
-            "max_bad_steps",
-            "log_every",
-            "eval_every",
-        ):
-            v = getattr(self, name)
-            _check(v >= 1, f"{prefix}.{name}", f"must be >= 1, got {v}")
-        _check(
-            self.zero_stage in (0, 1, 2, 3),
-            f"{prefix}.zero_stage",
-            f"allowed values: 0, 1, 2, 3; got {self.zero_stage}",
-        )
-        _check(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(0 < self.lr_gamma <= 1, f"{prefix}.lr_gamma", f"must be in (0, 1], got {self.lr_gamma}")
-        _check(self.clip_grad >= 0, f"{prefix}.clip_grad", f"must be >= 0 (0 = off), got {self.clip_grad}")
-        _check(
-            self.max_steps_per_epoch >= 0, f"{prefix}.max_steps_per_epoch", "must be >= 0 (0 = whole epoch)"
-        )
-        _check(
-            self.checkpoint_every >= 0 and self.checkpoint_every % self.grad_accum == 0,
-            f"{prefix}.checkpoint_every",
-            f"must be >= 0 and a multiple of grad_accum={self.grad_accum}, got {self.checkpoint_every}",
-        )
-        _check(
-            not self.init_from or os.path.isfile(os.path.expanduser(self.init_from)),
-            f"{prefix}.init_from",
-            f"file not found: {self.init_from}",
-        )
-
-
-@dataclass
-class OutputConfig:
-    """Where checkpoints, logs and evaluation artefacts go: ``{root}/{name}``."""
-
-    root: str = "${SST_OUTPUT_ROOT:-runs}"
-    name: str = "run"
-    keep_checkpoints: int = 2
-    tensorboard: bool = True
-
-    def validate(self, prefix: str) -> None:
-        _check(
-            self.keep_checkpoints >= 1,
-            f"{prefix}.keep_checkpoints",
-            f"must be >= 1, got {self.keep_checkpoints}",
-        )
-        _check(
-            bool(self.name) and "/" not in self.name,
-            f"{prefix}.name",
-            f"must be a plain name, got {self.name!r}",
-        )
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.root) / self.name
-
-
-@dataclass
-class RunConfig:
-    """The whole run: model (the model's own ModelConfig), data, losses, pseudo labels, training."""
-
-    model: ModelConfig
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-
-    def validate(self) -> RunConfig:
-        for name in ("data", "loss", "pseudo", "train", "output"):
-            getattr(self, name).validate(name)
-        if self.data.synthetic.enabled:
-            _check(
-                self.model.num_classes == self.data.synthetic.num_classes,
-                "model.num_classes",
-                f"must equal data.synthetic.num_classes={self.data.synthetic.num_classes}, "
-                f"got {self.model.num_classes}",
-            )
-        validate_model = getattr(self.model, "validate", None)
-        if callable(validate_model):
-            validate_model()
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+ENV_PREFIX = "SST_"  # the only environment variables a config may reference
+_ENV = re.compile(r"\$\{([^}:]*)(?::-([^}]*))?\}")
+_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def expand_env(value: str, key: str = "?") -> str:
-    """Expand ``${VAR}`` and ``${VAR:-default}``; an unset VAR without default is an error."""
+    """Expand ``${SST_*}`` and ``${SST_*:-default}`` once; other names, or an unset one without
+    a default, are errors that name the key (never the variable's value)."""
 
     def sub(m: re.Match[str]) -> str:
         var, default = m.group(1), m.group(2)
+        if not _VAR_NAME.fullmatch(var) or not var.startswith(ENV_PREFIX):
+            raise ConfigError(
+                f"config key {key!r}: ${{{var}}} is not expanded: a config may only use "
+                f"{ENV_PREFIX}* environment variables (README, Trust model)"
+            )
         if var in os.environ:
             return os.environ[var]
         if default is not None:
@@ -249,8 +85,10 @@ def expand_env(value: str, key: str = "?") -> str:
     return _ENV.sub(sub, value)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML/CLI value to the field's declared type, or raise naming the key."""
+def _coerce(value: Any, tp: Any, key: str, written: dict[str, str]) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise naming the key.
+
+    Strings holding ``${...}`` are expanded here and their text as written goes to ``written``."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -262,17 +100,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in typing.get_args(tp):
                 return None
-        errors = []
         for a in args:
             try:
-                return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
+                return _coerce(value, a, key, written)
+            except ConfigError:
+                continue
         raise ConfigError(f"config key {key!r}: {value!r} fits none of {args}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
-        return _build(tp, value, key)
+        return _build(tp, value, key, written)
     if tp is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
@@ -290,24 +127,40 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"config key {key!r}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"config key {key!r}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
-        return expand_env(str(value), key)
+        text = str(value)
+        if "${" not in text:
+            return text
+        written[key] = text
+        return expand_env(text, key)
     return value
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+def _build(cls: type, raw: dict[str, Any], prefix: str, written: dict[str, str]) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(raw) - names)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = {f.name for f in fields}
+    unknown = sorted(set(raw) - names, key=str)
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown config key {where}{unknown[0]!r}; allowed keys: {sorted(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
+    kwargs = {}
+    for f in fields:
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in raw:
+            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], key, written)
+        elif dataclasses.is_dataclass(hints[f.name]):  # a section left out: its defaults, expanded
+            kwargs[f.name] = _build(hints[f.name], {}, key, written)
+        elif isinstance(f.default, str) and "${" in f.default:  # e.g. DataConfig.root
+            kwargs[f.name] = _coerce(f.default, str, key, written)
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -325,49 +178,92 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: {key!r} is not a key like section.name")
         node = raw
         for p in parts[:-1]:
             child = node.setdefault(p, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: invalid YAML value ({_yaml_problem(e)})") from None
     return raw
-
-
-def _expand_str_fields(obj: Any) -> None:
-    """Expand env vars in string defaults the YAML did not set (defaults may hold ``${...}``)."""
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        if dataclasses.is_dataclass(v):
-            _expand_str_fields(v)
-        elif isinstance(v, str) and "${" in v:
-            setattr(obj, f.name, expand_env(v, f.name))
 
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Typed, env-expanded, validated RunConfig from a plain mapping."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a run config must be a mapping, got {type(raw).__name__}")
-    if "model" not in raw:
-        raise ConfigError("config key 'model': missing (needs at least model.num_classes)")
-    cfg = _build(RunConfig, raw, "")
-    _expand_str_fields(cfg)
+    if not isinstance(raw.get("model"), dict):
+        raise ConfigError("config key 'model': missing or not a mapping (needs at least model.num_classes)")
+    written: dict[str, str] = {}
+    cfg = _build(RunConfig, raw, "", written)
+    cfg.as_written = written
     return cfg.validate()
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply ``key.sub=value`` overrides, validate."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """'line L, column C: problem' from a YAML error (1-based, as editors count)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if mark is None:
+        return str(problem)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def read_yaml_config(path: str | Path) -> Any:
+    """The parsed YAML of a config file; a missing, unreadable or invalid file is a ConfigError."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"run config {p} does not exist")
-    raw = yaml.safe_load(p.read_text()) or {}
-    return config_from_dict(apply_overrides(raw, list(overrides or [])))
+        raise ConfigFileError(f"run config {p}: {'is not a file' if p.exists() else 'does not exist'}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"run config {p}: cannot read it ({e})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"run config {p} {_yaml_problem(e)} (invalid YAML)") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply ``key.sub=value`` overrides, validate.
+
+    Every problem is a ConfigError whose one-line message names the file."""
+    raw = read_yaml_config(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"run config {path}: must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return config_from_dict(apply_overrides(raw, list(overrides or [])))
+    except ConfigError as e:
+        raise ConfigError(f"run config {path}: {e}") from None
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> Path:
-    """Write the resolved config as YAML (beside the run's outputs, for reproducibility)."""
+    """Write the config as YAML beside the run's outputs, atomically, with ``${SST_*}`` references
+    as the user wrote them (the expanded values are machine-specific and stay out of the file)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    header = "# sst-dist run config; ${SST_*} references are kept as written and expand when loaded\n"
+    atomic_write_text(p, header + yaml.safe_dump(cfg.to_dict(as_written=True), sort_keys=False))
     return p
