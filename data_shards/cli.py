@@ -77,7 +77,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from data_shards.writer import verify_shards
+    from data_shards.verify import verify_shards
 
     problems = verify_shards(args.shard_dir, args.split)
     for line in problems:

@@ -1,10 +1,13 @@
 """ShardWriter: samples in dataset order -> GNU tar shards, DALI indices, labels and ``_info.json``.
 
-Nothing becomes visible under a final name until :meth:`ShardWriter.close` commits the whole
-split: every shard, its DALI index, the label matrix and finally ``_info.json`` are first written
-under ``*.tmp`` names. An exception (or :meth:`abort`) deletes the temporaries, and a hard kill
-leaves only ``*.tmp`` files, so an interrupted conversion never looks finished. Tar members get
-fixed metadata (mtime 0, uid 0, mode 0644), so the same samples give byte-identical shards.
+A split is built beside the old one and swapped in only when complete. Every file is first
+written under a fresh, unpredictable hidden temporary name (``O_EXCL``: a planted file or link is
+never opened) and renamed, at :meth:`ShardWriter.close`, to a name that no committed split uses:
+with ``overwrite`` the new shards are numbered after the old ones. ``_info.json`` is replaced
+last, atomically: it is the commit point, and only then are the old split's files removed. So a
+failed, aborted or killed conversion leaves the old split exactly as it was (and at most hidden
+``*.tmp`` files, which the next conversion of the split removes). Tar members get fixed metadata
+(mtime 0, uid 0, mode 0644), so the same samples give byte-identical shards.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from data_shards import format as fmt
+from data_shards.safe_io import atomic_write_text, ensure_own_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: index_sha256 per shard and labels_sha256 (every file a loader reads is hashed)
 TMP_SUFFIX = ".tmp"
 _BLOCK = tarfile.BLOCKSIZE
 
@@ -28,8 +33,8 @@ _BLOCK = tarfile.BLOCKSIZE
 class _HashingFile(io.RawIOBase):
     """Write-only file that hashes and counts what passes through (no second read of the shard)."""
 
-    def __init__(self, path: Path):
-        self._f = open(path, "wb")
+    def __init__(self, fd: int):
+        self._f = os.fdopen(fd, "wb")
         self.sha = hashlib.sha256()
         self.nbytes = 0
 
@@ -59,21 +64,6 @@ def _member_size(nbytes: int) -> int:
     return _BLOCK + -(-nbytes // _BLOCK) * _BLOCK
 
 
-def write_dali_index(shard: Path, index_path: Path) -> None:
-    """DALI ``fn.readers.webdataset`` index of ``shard`` by DALI's own ``wds2idx`` tool.
-
-    Falls back to writing the same documented format (``v1.2 N`` then one line per sample of
-    ``ext offset size name`` per member) from ``tarfile`` when the tool is not installed.
-    """
-    try:
-        from wds2idx import IndexCreator  # shipped with nvidia-dali
-    except ImportError:
-        index_path.write_text(dali_index_text(shard))
-        return
-    with IndexCreator(str(shard), str(index_path), verbose=False) as creator:
-        creator.create_index()
-
-
 def dali_index_text(shard: Path) -> str:
     """The DALI webdataset index (format v1.2) of ``shard``, computed with ``tarfile``."""
     samples: list[list[str]] = []
@@ -96,40 +86,34 @@ def dali_index_text(shard: Path) -> str:
     return f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class ShardWriter:
     """Write one split of a dataset as shards; use as a context manager or call close()/abort().
 
     ``write(index, jpeg_bytes, labels)`` must receive global indices 0, 1, 2, ... in order; a new
-    shard starts when the current one would pass ``shard_bytes``.
+    shard starts when the current one would pass ``shard_bytes``. ``extra_info`` (a dict) is
+    merged into ``_info.json`` at close (the converters record skipped images there).
     """
 
     def __init__(self, out_dir: str | Path, name: str, split: str, class_names: list[str],
                  shard_bytes: float = 1e9, overwrite: bool = False):
         for arg, value in (("name", name), ("split", split)):
-            if not value or "-" in value or "/" in value or "." in value:
-                raise ValueError(f"{arg} must be non-empty without '-', '/' or '.', got {value!r}")
+            if not isinstance(value, str) or not fmt.WORD.fullmatch(value):
+                raise ValueError(f"{arg} must be a plain name of letters, digits and _, got {value!r}")
         if not class_names or len(set(class_names)) != len(class_names):
             raise ValueError(f"class_names must be non-empty and unique, got {list(class_names)!r}")
         if shard_bytes <= 0:
             raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
-        self.out_dir = Path(out_dir)
+        self.out_dir = ensure_own_dir(out_dir)
         self.name, self.split = name, split
         self.classes = [str(c) for c in class_names]
         self.shard_bytes = int(shard_bytes)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._clear_previous(overwrite)
+        self.extra_info: dict = {}
+        self._old_files, first = self._previous(overwrite)
+        self._first = first
         self._labels: list[np.ndarray] = []
         self._shards: list[dict] = []
-        self._tmp_paths: list[Path] = []
+        self._tmp: dict[str, Path] = {}  # final name -> its temporary
+        self._renamed: list[Path] = []
         self._tar: tarfile.TarFile | None = None
         self._file: _HashingFile | None = None
         self._samples_in_shard = 0
@@ -163,7 +147,7 @@ class ShardWriter:
         self._samples_in_shard += 1
 
     def close(self) -> dict:
-        """Finish the last shard and commit everything; returns the ``_info.json`` content."""
+        """Finish the last shard and swap the new split in; returns the ``_info.json`` content."""
         if self._closed:
             raise RuntimeError("ShardWriter is already closed")
         if not self._labels:
@@ -172,6 +156,10 @@ class ShardWriter:
         try:
             self._finish_shard()
             labels = np.stack(self._labels).astype(np.int8)
+            buf = io.BytesIO()
+            np.save(buf, labels)
+            labels_name = fmt.labels_name(self.name, self.split, self._first)
+            self._write_tmp(labels_name, buf.getvalue())
             info = {
                 "format_version": FORMAT_VERSION,
                 "dataset": self.name,
@@ -181,25 +169,28 @@ class ShardWriter:
                 "num_samples": int(labels.shape[0]),
                 "shards": self._shards,
                 "positives": (labels == 1).sum(axis=0).astype(int).tolist(),
-                "labels": fmt.labels_path(self.out_dir, self.name, self.split).name,
+                "labels": labels_name,
+                "labels_sha256": hashlib.sha256(buf.getvalue()).hexdigest(),
+                **self.extra_info,
             }
-            buf = io.BytesIO()
-            np.save(buf, labels)
-            for shard in self._shards:  # shards and indices first, info last
-                final = self.out_dir / shard["name"]
-                os.replace(self._tmp(fmt.dali_index_path(final)), fmt.dali_index_path(final))
-                os.replace(self._tmp(final), final)
-            _atomic_write_bytes(fmt.labels_path(self.out_dir, self.name, self.split), buf.getvalue())
-            text = json.dumps(info, indent=1) + "\n"
-            _atomic_write_bytes(fmt.info_path(self.out_dir, self.name, self.split), text.encode())
+            for final, tmp in self._tmp.items():  # names no committed split uses
+                os.replace(tmp, self.out_dir / final)
+                self._renamed.append(self.out_dir / final)
+            self._tmp = {}
+            atomic_write_text(fmt.info_path(self.out_dir, self.name, self.split),
+                              json.dumps(info, indent=1) + "\n")  # the commit point
         except BaseException:
             self.abort()
             raise
         self._closed = True
+        keep = {p.name for p in self._renamed}
+        for path in self._old_files:  # the old split, no longer referenced
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
         return info
 
     def abort(self) -> None:
-        """Drop everything written so far (temporaries and any shard already renamed)."""
+        """Drop everything this writer wrote; the previous split (if any) stays as it was."""
         self._closed = True
         if self._tar is not None:
             try:
@@ -208,12 +199,9 @@ class ShardWriter:
             except Exception:
                 pass
             self._tar = None
-        for path in self._tmp_paths:
+        for path in [*self._tmp.values(), *self._renamed]:
             path.unlink(missing_ok=True)
-        for shard in self._shards:
-            final = self.out_dir / shard["name"]
-            final.unlink(missing_ok=True)
-            fmt.dali_index_path(final).unlink(missing_ok=True)
+        self._tmp, self._renamed = {}, []
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -225,29 +213,64 @@ class ShardWriter:
             self.close()
 
     # -- internals --------------------------------------------------------------------------
-    def _tmp(self, path: Path) -> Path:
-        return path.with_name(path.name + TMP_SUFFIX)
-
-    def _clear_previous(self, overwrite: bool) -> None:
-        info = fmt.info_path(self.out_dir, self.name, self.split)
+    def _previous(self, overwrite: bool) -> tuple[list[Path], int]:
+        """Files of the committed split (and leftovers) of this name/split, and the first free number."""
+        info_file = fmt.info_path(self.out_dir, self.name, self.split)
+        referenced: set[str] = set()
+        last = -1
+        if info_file.exists() or info_file.is_symlink():
+            if not overwrite:
+                raise FileExistsError(f"{self.out_dir} already holds the split {info_file.name}; "
+                                      "pass overwrite=True (--overwrite) to replace it")
+            try:
+                old = fmt.load_info(info_file)
+            except ValueError:
+                old = None  # a damaged info: its files are found as leftovers below
+            if old is not None and (old["dataset"], old["split"]) == (self.name, self.split):
+                for shard in old["shards"]:
+                    referenced |= {shard["name"], shard["name"] + ".idx"}
+                    last = max(last, fmt.shard_number(shard["name"], self.name, self.split))
+                referenced.add(old.get("labels", fmt.labels_name(self.name, self.split)))
         stem = f"{self.name}-{self.split}-"
-        old = [p for p in self.out_dir.iterdir() if p.name.startswith(stem)
-               and (p.name.endswith((".tar", ".tar.idx", TMP_SUFFIX)) or p == info
-                    or p == fmt.labels_path(self.out_dir, self.name, self.split))]
-        if old and not overwrite:
-            raise FileExistsError(
-                f"{self.out_dir} already holds {stem}* files ({sorted(p.name for p in old)[:3]}...); "
-                "pass overwrite=True (--overwrite) to replace them"
-            )
-        info.unlink(missing_ok=True)  # first, so a half-replaced split never looks finished
-        for path in old:
-            path.unlink(missing_ok=True)
+        old_files, leftovers = [], []
+        for p in self.out_dir.iterdir():
+            n = p.name
+            if n.startswith(f".{stem}") and n.endswith(TMP_SUFFIX):
+                p.unlink(missing_ok=True)  # a killed conversion's temporaries: never part of a split
+                continue
+            if not n.startswith(stem):
+                continue
+            base = n[:-4] if n.endswith(".tar.idx") else n
+            number = fmt.shard_number(base, self.name, self.split)
+            if number is None and not fmt.is_labels_name(n, self.name, self.split):
+                continue
+            old_files.append(p)
+            if n not in referenced:
+                leftovers.append(n)
+            if number is not None:
+                last = max(last, number)
+        if leftovers and not overwrite:
+            raise FileExistsError(f"{self.out_dir} holds {stem}* files of no committed split "
+                                  f"({sorted(leftovers)[:3]}...); pass overwrite=True (--overwrite) "
+                                  "to replace them")
+        return old_files, last + 1
+
+    def _write_tmp(self, final: str, data: bytes) -> str:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final}.", suffix=TMP_SUFFIX, dir=self.out_dir)
+        self._tmp[final] = Path(tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        return hashlib.sha256(data).hexdigest()
 
     def _start_shard(self) -> None:
-        final = self.out_dir / fmt.shard_name(self.name, self.split, len(self._shards))
-        tmp = self._tmp(final)
-        self._tmp_paths += [tmp, self._tmp(fmt.dali_index_path(final))]
-        self._file = _HashingFile(tmp)
+        final = fmt.shard_name(self.name, self.split, self._first + len(self._shards))
+        fd, tmp = tempfile.mkstemp(prefix=f".{final}.", suffix=TMP_SUFFIX, dir=self.out_dir)
+        os.fchmod(fd, 0o644)
+        self._tmp[final] = Path(tmp)
+        self._file = _HashingFile(fd)
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
         self._samples_in_shard = 0
 
@@ -256,37 +279,8 @@ class ShardWriter:
             return
         self._tar.close()  # writes the end-of-archive blocks through the hashing file
         self._file.close()
-        final = self.out_dir / fmt.shard_name(self.name, self.split, len(self._shards))
-        write_dali_index(self._tmp(final), self._tmp(fmt.dali_index_path(final)))
-        self._shards.append({"name": final.name, "samples": self._samples_in_shard,
-                             "bytes": self._file.nbytes, "sha256": self._file.sha.hexdigest()})
+        final = fmt.shard_name(self.name, self.split, self._first + len(self._shards))
+        index_sha = self._write_tmp(final + ".idx", dali_index_text(self._tmp[final]).encode())
+        self._shards.append({"name": final, "samples": self._samples_in_shard, "bytes": self._file.nbytes,
+                             "sha256": self._file.sha.hexdigest(), "index_sha256": index_sha})
         self._tar = None
-
-
-def verify_shards(shard_dir: str | Path, split: str | None = None) -> list[str]:
-    """Problems found re-hashing every shard listed by the ``_info.json`` files (empty: all good)."""
-    shard_dir = Path(shard_dir)
-    pattern = f"*-{split}-_info.json" if split else "*-_info.json"
-    infos = sorted(shard_dir.glob(pattern))
-    if not infos:
-        return [f"no {pattern} in {shard_dir}"]
-    problems = []
-    for info_file in infos:
-        info = json.loads(info_file.read_text())
-        for shard in info["shards"]:
-            path = shard_dir / shard["name"]
-            if not path.is_file():
-                problems.append(f"{info_file.name}: missing shard {path}")
-                continue
-            sha = hashlib.sha256()
-            with open(path, "rb") as f:
-                while block := f.read(1 << 22):
-                    sha.update(block)
-            if sha.hexdigest() != shard["sha256"] or path.stat().st_size != shard["bytes"]:
-                problems.append(f"{path}: sha256/size differ from {info_file.name}")
-            if not fmt.dali_index_path(path).is_file():
-                problems.append(f"{path}: missing DALI index {fmt.dali_index_path(path).name}")
-        labels = shard_dir / info.get("labels", "")
-        if not labels.is_file():
-            problems.append(f"{info_file.name}: missing label matrix {labels}")
-    return problems

@@ -14,7 +14,7 @@ from data_shards import format as fmt
 from data_shards.loaders import build_loader
 from data_shards.loaders.augment import normalize_uint8
 from data_shards.loaders.common import rank_batches
-from data_shards.writer import ShardWriter, write_dali_index
+from data_shards.writer import ShardWriter, dali_index_text
 
 N, C, BATCH, SIZE = 13, 5, 3, 32
 HAS_DALI = True
@@ -199,8 +199,24 @@ def _rewrite_shard(tmp_path, drop_ext=None, bad_label=False):
             if bad_label and m.name == f"{first}.lbl":
                 data = bytes((-np.frombuffer(data, np.int8)).astype(np.int8))
             tar.addfile(m, io.BytesIO(data))
-    write_dali_index(shard, fmt.dali_index_path(shard))
+    _reindex(tmp_path, shard)
     return shard.name, first
+
+
+def _reindex(out, shard):
+    """A new index for ``shard`` and matching hashes in _info.json: crafted, self-consistent metadata."""
+    import hashlib
+    import json
+
+    text = dali_index_text(shard)
+    fmt.dali_index_path(shard).write_text(text)
+    info_file = fmt.info_path(out, "toy", "train")
+    info = json.loads(info_file.read_text())
+    for s in info["shards"]:
+        if s["name"] == shard.name:
+            s["bytes"], s["sha256"] = shard.stat().st_size, hashlib.sha256(shard.read_bytes()).hexdigest()
+            s["index_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    info_file.write_text(json.dumps(info))
 
 
 def test_missing_label_names_shard_and_key(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pytest
 from PIL import Image
 
 from data_shards import format as fmt
-from data_shards.writer import FORMAT_VERSION, ShardWriter, dali_index_text, verify_shards
+from data_shards.verify import verify_shards
+from data_shards.writer import FORMAT_VERSION, ShardWriter, dali_index_text
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -124,22 +126,89 @@ def test_interrupted_write_leaves_nothing_finished(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         with ShardWriter(tmp_path, "toy", "train", CLASSES, shard_bytes=4000) as w:
             for s in samples:
-                if s[0] == 9:  # several shards done by now: still only temporaries on disk
+                if s[0] == 9:  # several shards done by now: still only hidden temporaries on disk
                     names = [p.name for p in tmp_path.iterdir()]
-                    assert len(names) > 2 and all(n.endswith(".tmp") for n in names), names
+                    assert len(names) > 2 and all(n.startswith(".") and n.endswith(".tmp") for n in names)
                     raise RuntimeError("boom")
                 w.write(*s)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_split_needs_overwrite(tmp_path):
+def _split_files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_existing_split_needs_overwrite_and_is_swapped_in_whole(tmp_path):
     _write(tmp_path, _samples(8), shard_bytes=5000)
     with pytest.raises(FileExistsError, match="toy-train-"):
         ShardWriter(tmp_path, "toy", "train", CLASSES)
     info = _write(tmp_path, _samples(3, seed=1), shard_bytes=1e9, overwrite=True)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted([info["shards"][0]["name"], info["shards"][0]["name"] + ".idx",
-                            "toy-train-_info.json", "toy-train-labels.npy"])
+                            "toy-train-_info.json", info["labels"]])
+    assert fmt.read_info(tmp_path, "train")["num_samples"] == 3 and verify_shards(tmp_path) == []
+
+
+@pytest.mark.parametrize("fail_at", ["write", "close"])
+def test_failed_overwrite_leaves_the_old_split_intact(tmp_path, fail_at, monkeypatch):
+    old = _write(tmp_path, _samples(8), shard_bytes=5000)
+    before = _split_files(tmp_path)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ShardWriter(tmp_path, "toy", "train", CLASSES, shard_bytes=3000, overwrite=True) as w:
+            for s in _samples(6, seed=2):
+                w.write(*s)
+            if fail_at == "close":  # every new file is complete; the commit itself fails
+                import data_shards.writer as writer_mod
+
+                def boom(*a, **k):
+                    raise RuntimeError("boom")
+                monkeypatch.setattr(writer_mod, "atomic_write_text", boom)
+                w.close()
+            raise RuntimeError("boom")
+    assert _split_files(tmp_path) == before
+    assert fmt.read_info(tmp_path, "train")["shards"] == old["shards"] and verify_shards(tmp_path) == []
+
+
+def test_killed_conversion_leaves_old_split_and_next_run_cleans_up(tmp_path):
+    _write(tmp_path, _samples(8), shard_bytes=5000)
+    before = _split_files(tmp_path)
+    w = ShardWriter(tmp_path, "toy", "train", CLASSES, shard_bytes=3000, overwrite=True)
+    for s in _samples(6, seed=2):
+        w.write(*s)
+    w._tar.close()  # a hard kill now: no abort, temporaries stay
+    assert {n for n in os.listdir(tmp_path) if n.startswith(".")}
+    assert {k: v for k, v in _split_files(tmp_path).items() if not k.startswith(".")} == before
+    assert verify_shards(tmp_path) == []
+    _write(tmp_path, _samples(5, seed=3), overwrite=True)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+    assert fmt.read_info(tmp_path, "train")["num_samples"] == 5 and verify_shards(tmp_path) == []
+
+
+def test_planted_links_are_never_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "shards"
+    out.mkdir()
+    # every name the writer will commit, and the old writer's fixed temporary names, point at the victim
+    for name in ["toy-train-000000.tar", "toy-train-000000.tar.idx", "toy-train-000000.tar.tmp",
+                 "toy-train-000000.tar.idx.tmp", "toy-train-labels.npy", "toy-train-labels.npy.tmp",
+                 "toy-train-_info.json.tmp"]:
+        (out / name).symlink_to(victim)
+    with pytest.raises(FileExistsError):  # links named like a split are not silently replaced
+        _write(out, _samples(4))
+    info = _write(out, _samples(4), overwrite=True)
+    assert victim.read_text() == "precious"
+    committed = [info["shards"][0]["name"], info["shards"][0]["name"] + ".idx", info["labels"],
+                 "toy-train-_info.json"]
+    assert not any((out / n).is_symlink() for n in committed) and verify_shards(out) == []
+
+
+def test_shard_dir_must_be_own_real_directory(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(OSError, match="symbolic link"):
+        ShardWriter(tmp_path / "link", "toy", "train", CLASSES)
 
 
 def test_bad_input(tmp_path):
@@ -154,6 +223,8 @@ def test_bad_input(tmp_path):
     w.abort()
     with pytest.raises(ValueError, match="split"):
         ShardWriter(tmp_path, "toy", "tr-ain", CLASSES)
+    with pytest.raises(ValueError, match="name"):
+        ShardWriter(tmp_path, "$(touch x)", "train", CLASSES)
     with pytest.raises(ValueError, match="class_names"):
         ShardWriter(tmp_path, "toy", "train", ["a", "a"])
     assert list(tmp_path.iterdir()) == []

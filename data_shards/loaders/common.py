@@ -14,6 +14,7 @@ an evaluator that gathers ``Batch.index`` from all ranks drops duplicates by ind
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 
 from data_shards import format as fmt
+from data_shards import shard_index as sidx
+from data_shards.images import DEFAULT_MAX_PIXELS, open_image
 
 _log = logging.getLogger(__name__)
 
@@ -93,68 +96,43 @@ class SampleTable:
     offsets: np.ndarray   # (N, 3) byte offsets of .jpg, .lbl, .idx data
     sizes: np.ndarray     # (N, 3)
 
-
-_EXTS = (fmt.IMAGE_EXT, fmt.LABEL_EXT, fmt.INDEX_EXT)
-
-
-def _members_from_dali_index(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Per sample (key, {ext: (offset, size)}) from a DALI webdataset index (format v1.x)."""
-    lines = path.read_text().splitlines()
-    head = lines[0].split()
-    if len(head) != 2 or not head[0].startswith("v1"):
-        raise ValueError(f"{path}: not a DALI webdataset index (first line {lines[0]!r})")
-    out = []
-    for line in lines[1:]:
-        parts = line.split()
-        members, key = {}, None
-        for i in range(0, len(parts), 4):
-            ext, off, size, name = parts[i: i + 4]
-            key = name.rsplit("/", 1)[-1].split(".", 1)[0]
-            members[ext] = (int(off), int(size))
-        out.append((key, members))
-    return out
+    def check_headers(self) -> None:
+        """Every entry against the tar header before it (for readers that do not check per read)."""
+        for k, path in enumerate(self.shard_paths):
+            rows = np.flatnonzero(self.shard == k)
+            samples = [(int(i), {e: sidx.Member(int(self.offsets[i, j]), int(self.sizes[i, j]))
+                                 for j, e in enumerate(sidx.EXTS)}) for i in rows]
+            sidx.check_all_headers(path, samples)
 
 
-def _members_from_tar(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Same as :func:`_members_from_dali_index`, by scanning the tar (shards without an index)."""
-    import tarfile
-
-    out: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(path, "r:") as tar:
-        for m in tar:
-            if m.isfile():
-                key, ext = m.name.rsplit("/", 1)[-1].split(".", 1)
-                out.setdefault(key, {})[ext] = (m.offset_data, m.size)
-    return list(out.items())
+_EXTS = sidx.EXTS
 
 
 def build_sample_table(shard_dir: str | Path, info: dict) -> SampleTable:
-    """Read every shard's DALI index (or scan the tar) and check each sample has all its members."""
+    """Every shard's validated DALI index (or its tar scanned): bounds, order, names (see shard_index)."""
     n = int(info["num_samples"])
-    shard = np.full(n, -1, dtype=np.int64)
+    c = len(info["classes"])
+    shard = np.empty(n, dtype=np.int64)
     offsets = np.zeros((n, 3), dtype=np.int64)
     sizes = np.zeros((n, 3), dtype=np.int64)
-    keys = [""] * n
     paths = [Path(shard_dir) / s["name"] for s in info["shards"]]
+    first = 0
     for k, path in enumerate(paths):
+        count = info["shards"][k]["samples"]
         idx_path = fmt.dali_index_path(path)
-        samples = _members_from_dali_index(idx_path) if idx_path.exists() else _members_from_tar(path)
-        if len(samples) != info["shards"][k]["samples"]:
-            want = info["shards"][k]["samples"]
-            raise ValueError(f"{path}: {len(samples)} samples but _info.json says {want}")
-        for key, members in samples:
-            for ext in _EXTS:
-                if ext not in members:
-                    have = sorted(members)
-                    raise ValueError(f"shard {path.name}, key {key}: no .{ext} member (has {have})")
-            i = int(key)
-            if not 0 <= i < n or shard[i] >= 0:
-                raise ValueError(f"shard {path.name}, key {key}: index out of range or duplicated (N={n})")
-            shard[i], keys[i] = k, key
-            offsets[i] = [members[e][0] for e in _EXTS]
-            sizes[i] = [members[e][1] for e in _EXTS]
-    if (shard < 0).any():
-        raise ValueError(f"{shard_dir}: samples {np.flatnonzero(shard < 0)[:5].tolist()}... are in no shard")
+        if idx_path.exists():
+            want = info["shards"][k].get("index_sha256")
+            if want is not None and hashlib.sha256(idx_path.read_bytes()).hexdigest() != want:
+                raise ValueError(f"{idx_path}: sha256 differs from _info.json (damaged or replaced index)")
+            samples = sidx.parse_index(idx_path, path, first, count, c)
+        else:
+            samples = sidx.parse_tar(path, first, count, c)
+        for i, members in samples:
+            offsets[i] = [members[e].offset for e in _EXTS]
+            sizes[i] = [members[e].size for e in _EXTS]
+        shard[first: first + count] = k
+        first += count
+    keys = [fmt.sample_key(i) for i in range(n)]
     return SampleTable(paths, shard, keys, offsets, sizes)
 
 
@@ -170,15 +148,20 @@ class SampleReader:
         self._pid = -1
         self._lock = threading.Lock()
 
-    def _read(self, shard: int, offset: int, size: int) -> bytes:
+    def _read(self, shard: int, offset: int, size: int, name: str, where: str) -> bytes:
+        """The member's data, read together with its tar header, which must name it (one read)."""
         if self._pid != os.getpid():
             self._files, self._pid = {}, os.getpid()
         f = self._files.get(shard)
         if f is None:
             f = self._files[shard] = open(self.table.shard_paths[shard], "rb")  # noqa: SIM115
         with self._lock:
-            f.seek(offset)
-            return f.read(size)
+            f.seek(offset - sidx.BLOCK)
+            raw = f.read(size + sidx.BLOCK)
+        sidx.check_header(raw[: sidx.BLOCK], name, size, where)
+        if len(raw) != size + sidx.BLOCK:
+            raise ValueError(f"{where}: {name} is cut short (the shard changed after it was opened)")
+        return raw[sidx.BLOCK:]
 
     def where(self, index: int) -> str:
         return f"shard {self.table.shard_paths[self.table.shard[index]].name}, key {self.table.keys[index]}"
@@ -188,11 +171,12 @@ class SampleReader:
         t = self.table
         s, (jo, lo, io_), (js, ls, is_) = int(t.shard[index]), t.offsets[index], t.sizes[index]
         where = self.where(index)
-        got = fmt.decode_index(self._read(s, io_, is_), where)
+        key = t.keys[index]
+        got = fmt.decode_index(self._read(s, io_, is_, f"{key}.{fmt.INDEX_EXT}", where), where)
         if got != index:
             raise ValueError(f"{where}: .idx member says {got}, expected {index}")
-        check_label(self._read(s, lo, ls), self.full, index, where)
-        return self._read(s, jo, js)
+        check_label(self._read(s, lo, ls, f"{key}.{fmt.LABEL_EXT}", where), self.full, index, where)
+        return self._read(s, jo, js, f"{key}.{fmt.IMAGE_EXT}", where)
 
 
 def check_label(raw: bytes, full: np.ndarray, index: int, where: str) -> None:
@@ -210,26 +194,24 @@ def jpeg_markers_ok(data: bytes) -> bool:
     return len(data) >= 4 and data[:3] == b"\xff\xd8\xff" and b"\xff\xd9" in data[-64:]
 
 
-def jpeg_is_valid(data: bytes) -> bool:
+def jpeg_is_valid(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
     """Check run before decoding by the backends whose decoder cannot skip a bad image (DALI).
 
     Start/end markers catch truncation; a 1/8-scale DCT decode with PIL catches most corrupt
-    streams for a fraction of a full decode. DALI raises inside the pipeline on a bad image,
-    so it must never see one. The PIL backends decode fully anyway: they check the markers and
-    catch the decoder's own error instead, which skips the same samples without decoding twice.
+    streams for a fraction of a full decode; the header's size must be within ``max_pixels``
+    (:mod:`data_shards.images`' limit), so no decoder allocates for a bomb. DALI raises inside
+    the pipeline on a bad image, so it must never see one. The PIL backends decode fully anyway:
+    they check the markers and catch the decoder's own error instead, which skips the same
+    samples without decoding twice.
     """
     if not jpeg_markers_ok(data):
         return False
-    import io
-
-    from PIL import Image
-
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format != "JPEG":
-                return False
-            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
+        im = open_image(data, max_pixels=max_pixels)
+        if im.format != "JPEG":
+            return False
+        im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+        im.load()
     except Exception:
         return False
     return True
@@ -268,13 +250,7 @@ def open_shard_set(shard_dir: str | Path, split: str, proportion: float, seed: i
     from data_shards.partial import partial_labels  # lazy: the converters' module
 
     info = fmt.read_info(shard_dir, split, num_classes)
-    lpath = fmt.labels_path(shard_dir, info["dataset"], split)
-    if not lpath.exists():
-        raise FileNotFoundError(f"label matrix {lpath} is missing (needed for the partial labels)")
-    full = np.load(lpath).astype(np.int8)
-    shape = (int(info["num_samples"]), len(info["classes"]))
-    if full.shape != shape:
-        raise ValueError(f"{lpath}: label matrix shape {full.shape}, _info.json says {shape}")
+    full = fmt.load_label_matrix(shard_dir, info)
     partial = partial_labels(full, proportion, seed)
     table = build_sample_table(shard_dir, info) if with_table else None
     return ShardSet(Path(shard_dir), split, info, full, partial, table)

@@ -131,6 +131,7 @@ def _build_reader_pipeline(shards: ShardSet, batch_size: int, num_threads: int, 
 
     from data_shards import format as fmt
 
+    shards.table.check_headers()  # DALI's native reader trusts the index: every entry must match the tar
     paths = [str(p) for p in shards.table.shard_paths]
     index_paths = [str(fmt.dali_index_path(p)) for p in paths]
     missing = [p for p in index_paths if not Path(p).exists()]

@@ -13,6 +13,7 @@ built (the price of a global per-epoch permutation over non-seekable streams).
 
 from __future__ import annotations
 
+import shlex
 import signal
 
 import numpy as np
@@ -33,8 +34,8 @@ def decode_batch(datas: list[bytes], index: np.ndarray, cfg: aug.AugConfig, trai
         try:
             if not jpeg_markers_ok(data):
                 raise ValueError("JPEG start/end marker missing")
-            im = aug.pil_decode(data)
-        except Exception:
+            im = aug.pil_decode(data, where=f"sample {i}")
+        except ValueError:  # undecodable or over the pixel limit (open_rgb's errors)
             skipped.append(i)
             continue
         if train:
@@ -84,7 +85,7 @@ def stream_samples(shards: ShardSet, shard_url: str, wanted) -> dict[int, bytes]
         return {}
     ranges = shards.shard_ranges()
     numbers = np.unique(np.searchsorted(ranges, wanted, side="right") - 1)
-    urls = [shard_url.format(dir=shards.shard_dir, name=shards.info["shards"][k]["name"]) for k in numbers]
+    urls = [shard_url_for(shard_url, shards.shard_dir, shards.info["shards"][k]["name"]) for k in numbers]
     keep = set(wanted.tolist())
     out: dict[int, bytes] = {}
     ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
@@ -105,6 +106,17 @@ def stream_samples(shards: ShardSet, shard_url: str, wanted) -> dict[int, bytes]
     if missing:
         raise ValueError(f"streamed {urls}: samples {sorted(missing)[:5]} not found")
     return out
+
+
+def shard_url_for(template: str, shard_dir, name: str) -> str:
+    """``template`` with ``{dir}``/``{name}`` filled in; shell-quoted for a ``pipe:`` command.
+
+    ``name`` is already a validated plain shard name (format.validate_info); quoting makes the
+    rule hold for the directory too, and for any future field: no metadata reaches a shell raw.
+    """
+    if template.startswith("pipe:"):
+        return template.format(dir=shlex.quote(str(shard_dir)), name=shlex.quote(name))
+    return template.format(dir=shard_dir, name=name)
 
 
 class _Stage:
