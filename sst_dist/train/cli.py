@@ -1,11 +1,13 @@
-"""``sst-dist train CONFIG [key.sub=value ...] [--resume [PATH]]``: one rank of a training run.
+"""``sst-dist train CONFIG [key.sub=value ...] [--resume | --resume-from PATH]``: one rank of a run.
 
 Every launcher (deepspeed, torchrun, srun, or none for a single process) starts this same
 command on each rank; the process group comes from the launcher's environment. The config is
 loaded and validated before DeepSpeed or the data are touched, so a bad key fails at once.
+Options and overrides may come in any order (``CONFIG --resume train.epochs=4``).
 
-Exit status: 0 done; 2 bad config; 3 aborted after repeated non-finite losses; 75 preempted by
-SIGUSR1 after saving a checkpoint (rerun with ``--resume``).
+Exit status: 0 done (or the resumed run had already finished); 2 bad config, run directory or
+checkpoint (one line on stderr says which); 3 aborted after repeated non-finite losses; 75
+preempted by SIGUSR1 after saving a checkpoint (rerun with ``--resume``).
 """
 
 from __future__ import annotations
@@ -13,14 +15,34 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
+
+EPILOG = (
+    "exit status: 0 done (or the resumed run had already finished); 2 bad config, run directory "
+    "or checkpoint (e.g. a fresh run into a directory with checkpoints, a run directory in use, "
+    "an unusable --resume-from path, a checkpoint that needs --trust-checkpoint); 3 aborted "
+    "(non-finite losses); 75 preempted by SIGUSR1 after a checkpoint (rerun with --resume)"
+)
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets flags and ``key=value`` overrides mix (argparse stops filling ``overrides`` at the
+    first flag otherwise, and ``CONFIG --resume train.epochs=4`` would be refused)."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._inner:
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = (
-        "exit status: 0 done, 2 bad config, 3 aborted (non-finite losses), "
-        "75 preempted by SIGUSR1 after a checkpoint (rerun with --resume)"
-    )
+    parser.__class__ = _IntermixedParser
+    parser.epilog = EPILOG
     parser.add_argument("config", help="run config YAML (see launch/configs/)")
     parser.add_argument(
         "overrides",
@@ -30,11 +52,24 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--resume",
-        nargs="?",
-        const=True,
-        default=False,
+        action="store_true",
+        help="continue the run from its latest good checkpoint (a fresh start if it has none yet)",
+    )
+    parser.add_argument(
+        "--resume-from",
         metavar="PATH",
-        help="continue from the run's latest checkpoint (or from PATH: a checkpoint or run dir)",
+        default=None,
+        help="continue from PATH: a checkpoint directory or a run directory (exit 2 if unusable)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let a fresh run delete the checkpoints, metrics and events already in its run directory",
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load checkpoint files with pickle (can run code): only for files you trust",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -54,12 +89,23 @@ def run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    from data_shards.safe_io import UnsafePathError, atomic_write_text
+    from sst_dist.safe_load import UnsafeCheckpointError
+    from sst_dist.train.checkpoint import CheckpointError
     from sst_dist.train.preemption import EXIT_PREEMPTED, Preempted
+    from sst_dist.train.rundir import RunDirError
     from sst_dist.train.trainer import Trainer, TrainingAborted
 
-    trainer = Trainer(cfg, resume=args.resume)
+    resume: bool | str = args.resume_from if args.resume_from is not None else bool(args.resume)
     try:
-        trainer.train()
+        trainer = Trainer(
+            cfg, resume=resume, overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint
+        )
+    except (RunDirError, CheckpointError, UnsafeCheckpointError, UnsafePathError) as e:
+        print(f"sst-dist train: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.train()
     except TrainingAborted as e:
         print(f"sst-dist train: {e}", file=sys.stderr)
         return 3
@@ -67,6 +113,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"sst-dist train: {e}", file=sys.stderr)
         marker = os.environ.get("SST_PREEMPTED_FILE")
         if marker and trainer.rank == 0:  # how train.sbatch tells a preemption from a failure
-            Path(marker).write_text(f"{e}\n")
+            atomic_write_text(marker, f"{e}\n")
         return EXIT_PREEMPTED
+    if result.get("finished") and trainer.rank == 0:
+        print(
+            f"sst-dist train: {cfg.output.run_dir} already finished ({result['epoch']} epochs); "
+            "nothing to do (raise train.epochs to train further)",
+            file=sys.stderr,
+        )
     return 0

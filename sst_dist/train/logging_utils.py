@@ -3,7 +3,8 @@
 Only one rank logs (rank 0, or the rank named by ``SST_LOG_RANK``; ``SST_LOG_RANK=all`` lets
 every rank log with a ``[rank N]`` prefix), so N ranks do not print N copies. The JSONL file
 is the machine-readable record (one object per logged step/epoch/eval); TensorBoard gets the
-same scalars when it is installed.
+same scalars when it is installed. A resumed run first drops what the interrupted run logged
+after its checkpoint (``keep_upto``), so each step is recorded once. Appends never follow a link.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from data_shards.safe_io import atomic_write_text, open_append
 from sst_dist.train import distributed as D
 
 
@@ -45,42 +47,92 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
     logger.addHandler(h)
     if log_file is not None and enabled:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file)
+        fh = _SafeFileHandler(log_file)
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger
 
 
-class MetricsWriter:
-    """Append-only metrics.jsonl plus TensorBoard scalars; a no-op on ranks that do not log."""
+class _SafeFileHandler(logging.FileHandler):
+    """A log file handler that refuses to append through a planted link."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
+    def _open(self):  # type: ignore[override]
+        return open_append(self.baseFilename)
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Rewrite metrics.jsonl keeping only records with ``step <= step``; returns how many went.
+
+    A torn last line (a crash mid-write) is dropped as well."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if rec_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(x + "\n" for x in kept))
+    return dropped
+
+
+class MetricsWriter:
+    """Append-only metrics.jsonl plus TensorBoard scalars; a no-op on ranks that do not log.
+
+    ``keep_upto``: the global step the run continues from; records (and TensorBoard events) of
+    later steps, written by an interrupted run after its last checkpoint, are dropped first.
+    ``None`` keeps everything (a writer that only adds to a finished run).
+    """
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, keep_upto: int | None = None) -> None:
         self.enabled = D.rank() == 0
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
+        self._file = None
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_upto is not None:
+            gone = drop_records_after(self.path, keep_upto)
+            if gone:
+                logging.getLogger("sst_dist").info(
+                    "metrics.jsonl: dropped %d record(s) after step %d (logged after the checkpoint)",
+                    gone,
+                    keep_upto,
+                )
+        self._file = open_append(self.path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                purge = None if keep_upto is None else keep_upto + 1
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
             except Exception as e:  # tensorboard missing or broken: keep the JSONL record
                 logging.getLogger("sst_dist").warning("TensorBoard disabled: %s", e)
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if self._file is None:  # written to after close(): reopen (e.g. an evaluation after training)
+            self._file = open_append(self.path)
         rec = {"kind": kind, "step": step, "time": time.time(), **values}
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec, default=float) + "\n")
+        self._file.write(json.dumps(rec, default=float) + "\n")
+        self._file.flush()
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
 
     def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self.tb is not None:
             self.tb.close()
 

@@ -7,6 +7,10 @@ loss skips its step (counted); ``train.max_bad_steps`` in a row abort with a cle
 anything is saved, so the last good checkpoint stays the newest. ``train.checkpoint_every``
 adds checkpoints inside an epoch, and SIGUSR1 (:mod:`.preemption`) saves one and stops; both
 resume at the exact step.
+
+Run-directory rules (:mod:`.rundir`): rank 0 locks the directory first; a fresh run refuses one
+with checkpoints unless ``overwrite``; the config, cleared outputs and the metrics writer come
+only after the model is built and any checkpoint loaded, so a failed start changes nothing.
 """
 
 from __future__ import annotations
@@ -15,30 +19,24 @@ import itertools
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from sst_dist.config import RunConfig, save_config
+from sst_dist.config import RunConfig
 from sst_dist.train import distributed as D
-from sst_dist.train.checkpoint import CheckpointManager
+from sst_dist.train import rundir
+from sst_dist.train.checkpoint import CheckpointError, CheckpointManager
+from sst_dist.train.engine_setup import DTYPES, cast_buffers, deepspeed_config, seed_everything
 from sst_dist.train.logging_utils import MetricsWriter, Progress, setup_logging
 from sst_dist.train.preemption import Preempted, PreemptionFlag
+from sst_dist.train.run_state import CheckpointingMixin
 from sst_dist.train.state import DistributedSST, StepResult, pseudo_quality
 
 log = logging.getLogger("sst_dist")
-# the dtype of weights, buffers and input images (autocast keeps them float32)
-DTYPES = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bf16-autocast": torch.float32,
-    "fp16": torch.float16,
-}
 
 
 class TrainingAborted(RuntimeError):
@@ -55,58 +53,54 @@ class RunData:
     class_names: list[str]
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """The generated DeepSpeed config: micro batch, accumulation, ZeRO stage, precision, clipping."""
-    t = cfg.train
-    ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.batch_size * t.grad_accum * world_size,
-        "zero_optimization": {"stage": t.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if t.clip_grad > 0:
-        ds["gradient_clipping"] = t.clip_grad
-    if t.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif t.precision == "bf16-autocast":
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    elif t.precision == "fp16":
-        ds["fp16"] = {
-            "enabled": True,
-            "loss_scale": 0,
-            "initial_scale_power": 16,
-            "loss_scale_window": 1000,
-            "hysteresis": 2,
-            "min_loss_scale": 1,
-        }
-    return ds
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-class Trainer:
+class Trainer(CheckpointingMixin):
     """SST training with DeepSpeed; every public method is collective (call on all ranks)."""
 
-    def __init__(self, cfg: RunConfig, resume: bool | str = False, data: RunData | None = None) -> None:
-        import deepspeed
-
-        from sst_dist.model.sst import SSTModel
-
+    def __init__(
+        self,
+        cfg: RunConfig,
+        resume: bool | str | Path = False,
+        data: RunData | None = None,
+        overwrite: bool = False,
+        trust_checkpoint: bool = False,
+    ) -> None:
+        """``resume``: True for the run's latest good checkpoint, or a checkpoint/run directory;
+        ``overwrite``: a fresh run may replace the outputs of an earlier one in its directory;
+        ``trust_checkpoint``: allow pickle-based loading of the checkpoint (trusted files only)."""
         self.cfg = cfg
         self.env = D.init_distributed()
         self.rank, self.world = D.rank(), D.world_size()
         self.run_dir = cfg.output.run_dir
+        self.overwrite, self.trust_checkpoint = overwrite, trust_checkpoint
+        self.lock: rundir.RunLock | None = None
+        problem = None
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        D.barrier()
+            try:
+                if isinstance(resume, (str, Path)):  # fail fast on a path that holds no checkpoint
+                    CheckpointManager(self.run_dir).candidates(resume)
+                self.lock = rundir.claim(self.run_dir, resuming=bool(resume), overwrite=overwrite)
+            except (rundir.RunDirError, CheckpointError, OSError) as e:
+                problem = str(e)
+        problem = D.broadcast_object(problem)
+        if problem is not None:
+            raise rundir.RunDirError(problem)  # every rank, so none waits for the others
+        try:
+            self._build(data)
+            self.resumed_from: Path | None = None
+            if resume:
+                self.resume(None if resume is True else resume)
+            self.finished = self.epoch >= cfg.train.epochs and self.resumed_from is not None
+            self._open_outputs()
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self, data: RunData | None) -> None:
+        import deepspeed
+
+        from sst_dist.model.sst import SSTModel
+
+        cfg = self.cfg
         setup_logging(self.run_dir / "train.log")
         log.info(
             "run %s: %d rank(s) via %s, precision %s, ZeRO %d",
@@ -149,15 +143,36 @@ class Trainer:
         self.model = self.engine.module
         log.info("model %s on %s, head impl %s", cfg.model.backbone, self.device, self.model.impl)
         if self.dtype != torch.float32:
-            _cast_buffers(self.model, self.dtype)
+            cast_buffers(self.model, self.dtype)
         self.sst = DistributedSST(cfg, self.model)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.output.keep_checkpoints)
-        self.metrics = MetricsWriter(self.run_dir, cfg.output.tensorboard)
         self.epoch, self.global_step, self.bad_steps, self.skipped_steps = 0, 0, 0, 0
         self.best_map = -math.inf
         self.preemption = PreemptionFlag()
-        if resume:
-            self.resume(None if resume is True else resume)
+
+    def _open_outputs(self) -> None:
+        """Training really starts: clear replaced outputs, write config.yaml, open the metrics.
+
+        Nothing here runs for a finished run, so resuming one only reports it."""
+        keep_upto = self.global_step if self.resumed_from is not None else -1
+        if self.rank == 0 and not self.finished:
+            if self.overwrite:
+                mine = self.resumed_from is not None and self.resumed_from.parent == self.checkpoints.root
+                keep = tuple(c.name for c in self.checkpoints.complete() if mine and c <= self.resumed_from)
+                removed = rundir.clear_outputs(self.run_dir, keep_checkpoints=keep)
+                if removed:
+                    log.warning("--overwrite: removed %s from %s", ", ".join(removed), self.run_dir)
+            rundir.write_run_config(self.cfg, self.run_dir)
+        D.barrier()
+        self.metrics = MetricsWriter(
+            self.run_dir, self.cfg.output.tensorboard, None if self.finished else keep_upto
+        )
+
+    def release(self) -> None:
+        """Give the run directory's lock back (done by ``train``; also when the process ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ------------------------------------------------------------------ helpers
     def _steps_per_epoch(self) -> int:
@@ -223,30 +238,14 @@ class Trainer:
         bar = Progress(n - start, f"epoch {epoch}", self.cfg.train.progress)
         sums: dict[str, float] = {}
         pseudo: dict[str, float] = {}
-        count, t0 = 0, time.perf_counter()
+        count, t0, images_before = 0, time.perf_counter(), int(getattr(loader, "skipped", 0))
         for i, batch in enumerate(itertools.islice(loader, n - start), start):
             res = self.train_step(batch, epoch, i / n)
-            self._mid_epoch_checkpoint(i + 1, n)
             rate = bar.update(batch.images.shape[0] * self.world, {"loss": res.global_loss})
-            if not res.finite:
-                continue
-            count += 1
-            for k, v in {"loss": res.global_loss, **res.terms}.items():
-                sums[k] = sums.get(k, 0.0) + v
-            for k, v in res.pseudo.items():
-                pseudo[k] = pseudo.get(k, 0.0) + v
-            if (i + 1) % self.cfg.train.log_every == 0 or i + 1 == n:
-                rec = {
-                    "epoch": epoch,
-                    "lr": self.lr,
-                    "images_per_s": rate,
-                    "loss": res.global_loss,
-                    **{f"loss_{k}": v for k, v in res.terms.items()},
-                    **{f"weight_{k}": v for k, v in res.weights.items()},
-                    **{f"margin_{k}": v for k, v in self.sst.margins.items()},
-                    **(pseudo_quality(res.pseudo) if res.pseudo else {}),
-                }
-                self.metrics.write("train", self.global_step, rec)
+            if res.finite:
+                self._account(res, i, n, epoch, rate, sums, pseudo)
+                count += 1
+            self._mid_epoch_checkpoint(i + 1, n)  # after the step's record: a resume logs from i + 2
         bar.close()
         means = {k: v / max(1, count) for k, v in sums.items()}
         elapsed = time.perf_counter() - t0
@@ -257,19 +256,43 @@ class Trainer:
             "lr": self.lr,
             "images_per_s": (n - start) * self.cfg.train.batch_size * self.world / max(elapsed, 1e-9),
             "skipped_steps": self.skipped_steps,
+            "skipped_steps_epoch": n - start - count,
+            "skipped_images": self._skipped_images(loader, images_before),
             "margin_intra": self.sst.margins["intra"],
             "margin_inter": self.sst.margins["inter"],
         }
         self.metrics.write("epoch", self.global_step, summary)
         log.info(
-            "epoch %d: loss %.4f (%s) %.1f img/s, %d skipped",
+            "epoch %d: loss %.4f (%s) %.1f img/s; skipped: %d non-finite steps, %d undecodable images",
             epoch,
             means.get("loss", float("nan")),
             " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss"),
             summary["images_per_s"],
-            self.skipped_steps,
+            summary["skipped_steps_epoch"],
+            summary["skipped_images"],
         )
         return summary
+
+    def _account(
+        self, res: StepResult, i: int, n: int, epoch: int, rate: float, sums: dict, pseudo: dict
+    ) -> None:
+        """Add a finite step to the epoch sums; write its metrics record every ``log_every``."""
+        for k, v in {"loss": res.global_loss, **res.terms}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        for k, v in res.pseudo.items():
+            pseudo[k] = pseudo.get(k, 0.0) + v
+        if (i + 1) % self.cfg.train.log_every == 0 or i + 1 == n:
+            rec = {
+                "epoch": epoch,
+                "lr": self.lr,
+                "images_per_s": rate,
+                "loss": res.global_loss,
+                **{f"loss_{k}": v for k, v in res.terms.items()},
+                **{f"weight_{k}": v for k, v in res.weights.items()},
+                **{f"margin_{k}": v for k, v in self.sst.margins.items()},
+                **(pseudo_quality(res.pseudo) if res.pseudo else {}),
+            }
+            self.metrics.write("train", self.global_step, rec)
 
     def _mid_epoch_checkpoint(self, done: int, n: int) -> None:
         """After ``done`` of ``n`` steps: the periodic checkpoint, or the one a signal asked for."""
@@ -286,10 +309,16 @@ class Trainer:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def _skipped_images(self, loader: Any, before: int) -> int:
+        """Undecodable images ``loader`` dropped since it counted ``before``, summed over ranks."""
+        local = float(int(getattr(loader, "skipped", 0)) - before)
+        return int(D.all_reduce_sum(torch.tensor([local], device=self.device)).item())
+
     def evaluate(self, tag: str = "eval") -> dict | None:
         """Metrics on the test split (dict on rank 0, None elsewhere); writes the AP artefacts."""
         from sst_dist.train.evaluate import evaluate_model
 
+        before = int(getattr(self.data.test_loader, "skipped", 0))
         result = evaluate_model(
             self.engine,
             self.data.test_loader,
@@ -299,56 +328,30 @@ class Trainer:
             tag,
             self.data.class_names,
         )
+        skipped = self._skipped_images(self.data.test_loader, before)
         self._set_train_mode()
         if result is not None:
+            result["skipped_images"] = skipped
+            if skipped:
+                log.warning("evaluation %s: %d undecodable images skipped", tag, skipped)
             self.metrics.write("eval", self.global_step, {k: v for k, v in result.items() if k != "ap"})
         return result
 
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """SST state and counters (the engine checkpoints weights/optimizer/scheduler itself)."""
-        return {
-            "sst": self.sst.state_dict(),
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "skipped_steps": self.skipped_steps,
-            "best_map": self.best_map,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sst.load_state_dict(state["sst"])
-        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
-        self.skipped_steps, self.best_map = int(state["skipped_steps"]), float(state["best_map"])
-
-    def save(self, mAP: float | None = None, mid_epoch: bool = False) -> Path:
-        rank_state = {}
-        if hasattr(self.data.train_loader, "state_dict"):
-            rank_state["loader"] = self.data.train_loader.state_dict()
-        extra = {"mAP": mAP, "class_names": self.data.class_names}
-        path = self.checkpoints.save(
-            self.engine, self.epoch, self.global_step, self.state_dict(), rank_state, extra, mid_epoch,
-            config=self.cfg,
-        )
-        if mAP is not None and mAP >= self.best_map and self.rank == 0:
-            self.checkpoints.mark_best(path.name)
-        if mAP is not None:
-            self.best_map = max(self.best_map, mAP)
-        return path
-
-    def resume(self, path: str | None = None) -> bool:
-        loaded = self.checkpoints.load(self.engine, path)
-        if loaded is None:
-            log.warning("--resume: no usable checkpoint in %s; starting from scratch", self.checkpoints.root)
-            return False
-        where, meta, sst, rank_state = loaded
-        self.load_state_dict(sst)
-        if rank_state.get("loader") is not None and hasattr(self.data.train_loader, "load_state_dict"):
-            self.data.train_loader.load_state_dict(rank_state["loader"])
-        log.info("resumed from %s (epoch %d, step %d)", where, self.epoch, self.global_step)
-        return True
-
     def train(self) -> dict[str, Any]:
-        """Train to ``train.epochs``, evaluating and checkpointing after each epoch."""
+        """Train to ``train.epochs``, evaluating and checkpointing after each epoch.
+
+        A run resumed at its end only says so (``{"finished": True}``) and writes nothing."""
+        if self.finished:
+            log.info(
+                "run %s already finished: %d of train.epochs=%d epochs done (checkpoint %s); "
+                "raise train.epochs to train further",
+                self.run_dir,
+                self.epoch,
+                self.cfg.train.epochs,
+                self.resumed_from,
+            )
+            self.release()
+            return {"finished": True, "epoch": self.epoch}
         last: dict[str, Any] = {}
         self.preemption.install()
         try:
@@ -364,17 +367,5 @@ class Trainer:
         finally:
             self.preemption.uninstall()
             self.metrics.close()
+            self.release()
         return last
-
-
-def _cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Give floating buffers the training dtype (DeepSpeed casts only parameters).
-
-    BatchNorm running statistics, the GNN adjacency and fixed label embeddings must match the
-    half-precision activations; the memory bank stays float32 (cosines of accumulated features).
-    """
-    for mod_name, mod in model.named_modules():
-        for key, buf in list(mod._buffers.items()):
-            full = f"{mod_name}.{key}" if mod_name else key
-            if buf is not None and buf.is_floating_point() and not full.startswith("bank."):
-                mod._buffers[key] = buf.to(dtype)

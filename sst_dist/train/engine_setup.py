@@ -1,0 +1,74 @@
+"""Building the DeepSpeed engine of a run: precision, the generated DeepSpeed config, seeding.
+
+Split from :mod:`.trainer` so the trainer reads as the training loop and its run management.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from sst_dist.config import RunConfig
+
+# the dtype of weights, buffers and input images (autocast keeps them float32)
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bf16-autocast": torch.float32,
+    "fp16": torch.float16,
+}
+
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The generated DeepSpeed config: micro batch, accumulation, ZeRO stage, precision, clipping."""
+    t = cfg.train
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "zero_optimization": {"stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.clip_grad > 0:
+        ds["gradient_clipping"] = t.clip_grad
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "bf16-autocast":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif t.precision == "fp16":
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    return ds
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every rank alike)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+
+def cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give floating buffers the training dtype (DeepSpeed casts only parameters).
+
+    BatchNorm running statistics, the GNN adjacency and fixed label embeddings must match the
+    half-precision activations; the memory bank stays float32 (cosines of accumulated features).
+    """
+    for mod_name, mod in model.named_modules():
+        for key, buf in list(mod._buffers.items()):
+            full = f"{mod_name}.{key}" if mod_name else key
+            if buf is not None and buf.is_floating_point() and not full.startswith("bank."):
+                mod._buffers[key] = buf.to(dtype)

@@ -1,0 +1,176 @@
+"""A training run's directory: whose it is, who is using it, and what a new run may do to it.
+
+Why: a fresh run into a directory with checkpoints used to overwrite them and append to their
+metrics, and two runs with the same name wrote into each other. Rank 0 now
+
+- refuses a directory (or a link in its place) that is not the user's own,
+- takes ``.lock`` (an ``flock`` the kernel drops when the process dies, so a crashed run never
+  blocks the next; where the file system has no ``flock`` the lock's pid is checked instead),
+- refuses a fresh run into a directory with checkpoints unless told ``--overwrite``,
+- clears the old outputs and writes ``config.yaml`` only once training really starts.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from data_shards.safe_io import UnsafePathError, ensure_own_dir
+
+LOCK_NAME = ".lock"
+# what a run writes into its directory; --overwrite removes exactly these
+OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "eval", "config.yaml")
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked; the message says why and what to do."""
+
+
+def checkpoint_names(run_dir: Path) -> list[str]:
+    """Names of the checkpoint directories (complete or not) under ``run_dir/checkpoints``."""
+    from sst_dist.train.checkpoint import NAME_RE
+
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if NAME_RE.fullmatch(p.name))
+
+
+class RunLock:
+    """Exclusive use of one run directory by one run (held by rank 0 only)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            with open(self.path, "rb") as f:
+                return json.loads(f.read(4096) or b"{}")
+        except (OSError, ValueError):
+            return {}
+
+    def _refuse(self, holder: dict[str, Any]) -> RunDirError:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
+        return RunDirError(
+            f"{self.path.parent} is in use by another run (pid {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')} since {since}); wait for it, pick another output.name, or "
+            f"delete {self.path} if no such run is alive"
+        )
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`RunDirError` naming the run that holds it."""
+        import fcntl
+
+        if self.path.is_symlink():
+            raise UnsafePathError(f"{self.path} is a symbolic link; refusing to use it as the run lock")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise self._refuse(self._holder()) from None
+            holder = self._holder()  # no flock on this file system: judge by the recorded pid
+            if holder and holder.get("pid") != os.getpid() and _alive(holder):
+                os.close(fd)
+                raise self._refuse(holder) from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Give the lock up (also happens when the process ends, however it ends)."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+        finally:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the recorded lock holder may still run (another host: assume it does)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError):
+        return True
+    return True
+
+
+def claim(run_dir: Path, resuming: bool, overwrite: bool) -> RunLock:
+    """Rank 0 before a run starts: check ownership, take the lock, apply the overwrite policy.
+
+    A fresh run (not ``resuming``) into a directory that holds checkpoints is refused unless
+    ``overwrite``; nothing is deleted here (that waits for :func:`clear_outputs`).
+    """
+    run_dir = Path(run_dir)
+    ensure_own_dir(run_dir)
+    lock = RunLock(run_dir)
+    lock.acquire()
+    names = checkpoint_names(run_dir)
+    if not resuming and not overwrite and names:
+        lock.release()
+        shown = ", ".join(names[-3:])
+        raise RunDirError(
+            f"{run_dir} already holds checkpoints ({shown}); continue that run with --resume, "
+            "or pass --overwrite to delete its outputs and start over"
+        )
+    return lock
+
+
+def clear_outputs(run_dir: Path, keep_checkpoints: tuple[str, ...] = ()) -> list[str]:
+    """Remove the outputs of a previous run (``--overwrite``), but not the listed checkpoints.
+
+    Links are removed, never followed. Returns what was removed."""
+    run_dir = Path(run_dir)
+    removed: list[str] = []
+    for name in OUTPUTS:
+        p = run_dir / name
+        if name == "checkpoints" and p.is_dir() and not p.is_symlink():
+            for child in p.iterdir():
+                if child.name in keep_checkpoints:
+                    continue
+                _remove(child)
+                removed.append(f"checkpoints/{child.name}")
+        elif os.path.lexists(p):
+            _remove(p)
+            removed.append(name)
+    return removed
+
+
+def _remove(p: Path) -> None:
+    if p.is_symlink() or not p.is_dir():
+        p.unlink()
+    else:
+        shutil.rmtree(p)
+
+
+def write_run_config(cfg: Any, run_dir: Path) -> Path:
+    """Save the resolved config as ``run_dir/config.yaml`` via a fresh temporary name + rename
+    (a planted link at ``config.yaml`` is replaced, never written through)."""
+    from sst_dist.config import save_config
+
+    target = Path(run_dir) / "config.yaml"
+    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml.tmp", dir=run_dir)
+    os.close(fd)
+    try:
+        save_config(cfg, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
