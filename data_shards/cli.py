@@ -11,6 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+from data_shards.images import DEFAULT_MAX_PIXELS
+from data_shards.safe_io import UnsafePathError
+
 
 def _common(p: argparse.ArgumentParser, name: str, split_required: bool = True) -> None:
     p.add_argument("--out", required=True, type=Path, help="shard directory to write into")
@@ -20,7 +23,15 @@ def _common(p: argparse.ArgumentParser, name: str, split_required: bool = True) 
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image reading/encoding processes (0: in the main process)")
     p.add_argument("--shard-bytes", type=float, default=1e9, help="target shard size in bytes (default 1e9)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing shards of this name/split")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing split of this name (swapped in once the new one is complete)")
+    p.add_argument("--bad-images", choices=("fail", "skip"), default="fail",
+                   help="unreadable images: fail listing all of them (default), or skip them "
+                        "(listed in _info.json)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images with more pixels (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="let annotation paths point outside the image folder (absolute or ../ paths)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -29,36 +40,40 @@ def _convert(split_data, args: argparse.Namespace, split: str) -> int:
 
     info = convert_labeled(split_data, args.out, args.name, split, num_workers=args.workers,
                            shard_bytes=args.shard_bytes, overwrite=args.overwrite,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, bad_images=args.bad_images,
+                           max_pixels=args.max_pixels)
+    skipped = f", {info['num_skipped']} unreadable image(s) skipped" if info.get("num_skipped") else ""
     print(f"{args.name}/{split}: {info['num_samples']} samples, {len(info['classes'])} classes, "
-          f"{len(info['shards'])} shard(s) in {args.out}")
+          f"{len(info['shards'])} shard(s) in {args.out}{skipped}")
     return 0
 
 
 def _run_coco(args: argparse.Namespace) -> int:
     from data_shards.coco import read_coco
 
-    return _convert(read_coco(args.annotations, args.images), args, args.split)
+    return _convert(read_coco(args.annotations, args.images, args.allow_outside_images), args, args.split)
 
 
 def _run_voc(args: argparse.Namespace) -> int:
     from data_shards.voc import read_voc
 
     out_split = args.out_split or ("train" if args.split == "trainval" else args.split)
-    return _convert(read_voc(args.root, args.split), args, out_split)
+    return _convert(read_voc(args.root, args.split, args.allow_outside_images), args, out_split)
 
 
 def _run_list(args: argparse.Namespace) -> int:
     from data_shards.listfmt import read_list
 
-    data = read_list(args.image_list, args.labels_json, args.images, args.classes, args.num_classes)
+    data = read_list(args.image_list, args.labels_json, args.images, args.classes, args.num_classes,
+                     args.allow_outside_images)
     return _convert(data, args, args.split)
 
 
 def _run_jsonl(args: argparse.Namespace) -> int:
     from data_shards.jsonl import read_jsonl
 
-    return _convert(read_jsonl(args.jsonl, args.classes, args.images), args, args.split)
+    return _convert(read_jsonl(args.jsonl, args.classes, args.images, args.allow_outside_images), args,
+                    args.split)
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
@@ -87,6 +102,18 @@ def _run_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _guarded(func):
+    """Expected errors (bad input, missing files, unsafe paths) -> one line on stderr, exit 2."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+                UnsafePathError) as err:
+            print(f"sst-dist shards: error: {err}", file=sys.stderr)
+            return 2
+    return run
+
+
 def register(parser: argparse.ArgumentParser) -> None:
     """Add the ``shards`` sub-subcommands to the ``shards`` parser."""
     sub = parser.add_subparsers(dest="shards_command", metavar="FORMAT", required=True)
@@ -95,7 +122,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--annotations", required=True, type=Path, help="instances_*.json")
     p.add_argument("--images", required=True, type=Path, help="directory of the split's images")
     _common(p, "coco")
-    p.set_defaults(func=_run_coco)
+    p.set_defaults(func=_guarded(_run_coco))
 
     p = sub.add_parser("voc", help="Pascal VOC 2007 (ImageSets/Main order, difficult objects ignored)")
     p.add_argument("--root", required=True, type=Path,
@@ -103,7 +130,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--split", required=True, help="image set to read: trainval or test")
     p.add_argument("--out-split", default=None, help="split name for the shards (default: trainval -> train)")
     _common(p, "voc2007", split_required=False)
-    p.set_defaults(func=_run_voc)
+    p.set_defaults(func=_guarded(_run_voc))
 
     p = sub.add_parser("list", help="VG-200 style: image list file + JSON image name -> class indices")
     p.add_argument("--image-list", required=True, type=Path, help="one image name per line (dataset order)")
@@ -112,7 +139,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=Path, default=None, help="class names file, one a line")
     p.add_argument("--num-classes", type=int, default=None, help="number of classes (without --classes)")
     _common(p, "vg200")
-    p.set_defaults(func=_run_list)
+    p.set_defaults(func=_guarded(_run_list))
 
     p = sub.add_parser("jsonl", help='JSON lines {"image": path, "labels": [names or indices]}')
     p.add_argument("--jsonl", required=True, type=Path, help="the JSONL file (line order = dataset order)")
@@ -120,7 +147,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=Path, default=None,
                    help="base of relative image paths (default: the JSONL file's directory)")
     _common(p, "jsonl")
-    p.set_defaults(func=_run_jsonl)
+    p.set_defaults(func=_guarded(_run_jsonl))
 
     p = sub.add_parser("synthetic", help="generate synthetic multi-label scenes and shard train + test")
     p.add_argument("--n-train", type=int, default=2000, help="training images (default 2000)")
@@ -132,9 +159,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--raw-dir", type=Path, default=None,
                    help="where the COCO JSON + JPEGs go (default OUT/raw-synthetic)")
     _common(p, "synthetic", split_required=False)
-    p.set_defaults(func=_run_synthetic)
+    p.set_defaults(func=_guarded(_run_synthetic))
 
     p = sub.add_parser("verify", help="check every shard's sha256 and size against its _info.json")
     p.add_argument("shard_dir", type=Path, help="shard directory")
     p.add_argument("--split", default=None, help="only this split (default: all)")
-    p.set_defaults(func=_run_verify)
+    p.set_defaults(func=_guarded(_run_verify))

@@ -23,8 +23,6 @@ import io
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 #: pixels above which an image is refused (PIL's own warning threshold, ~89.5 MP)
 DEFAULT_MAX_PIXELS = 89_478_485
 #: what transparent pixels are composited on
@@ -77,6 +75,7 @@ def open_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, whe
 
 
 def _sixteen_bit_to_8(im):
+    import numpy as np
     from PIL import Image
 
     arr = np.asarray(im, dtype=np.float64)
@@ -85,6 +84,7 @@ def _sixteen_bit_to_8(im):
 
 
 def _float_to_8(im):
+    import numpy as np
     from PIL import Image
 
     arr = np.nan_to_num(np.asarray(im, dtype=np.float64))

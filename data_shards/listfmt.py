@@ -2,19 +2,29 @@
 
 An image list file (one image name per line, relative to the image directory) fixes the order;
 a JSON object maps each image name to its list of 0-based class indices. Class names come from a
-names file (one a line) or, without one, ``num_classes`` gives ``class_0 ...``.
+names file (one a line) or, without one, ``num_classes`` gives ``class_0 ...``. A name listed
+twice, a repeated JSON key, labels that are not a list of in-range integers: errors naming the
+file and the line or image.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from data_shards.convert import LabeledSplit, labels_from_indices, read_class_names
+from data_shards.convert import (
+    LabeledSplit,
+    class_indices,
+    image_under,
+    labels_from_indices,
+    load_json,
+    read_class_names,
+    read_text,
+)
 
 
 def read_list(image_list: str | Path, labels_json: str | Path, image_dir: str | Path,
-              class_names: str | Path | None = None, num_classes: int | None = None) -> LabeledSplit:
+              class_names: str | Path | None = None, num_classes: int | None = None,
+              allow_outside: bool = False) -> LabeledSplit:
     """Order of ``image_list``; labels from ``labels_json``; paths under ``image_dir``."""
     list_path, json_path = Path(image_list), Path(labels_json)
     for what, p in (("image list", list_path), ("labels JSON", json_path)):
@@ -28,14 +38,23 @@ def read_list(image_list: str | Path, labels_json: str | Path, image_dir: str | 
         classes = [f"class_{i}" for i in range(num_classes)]
     else:
         raise ValueError("give class_names (a names file) or a positive num_classes")
-    names = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
-    mapping = json.loads(json_path.read_text())
+    mapping = load_json(read_text(json_path), str(json_path))
     if not isinstance(mapping, dict):
         raise ValueError(f"{json_path}: expected a JSON object image name -> class indices")
-    missing = [n for n in names if n not in mapping]
-    if missing:
-        raise KeyError(f"{json_path} has no labels for image {missing[0]!r} (from {list_path}; "
-                       f"{len(missing)} missing)")
-    per_image = [mapping[n] for n in names]
-    labels = labels_from_indices(per_image, len(classes), str(json_path))
-    return LabeledSplit(classes, [Path(image_dir) / n for n in names], labels)
+    names, images, per_image, first_line = [], [], [], {}
+    for lineno, line in enumerate(read_text(list_path).splitlines(), 1):
+        name = line.strip()
+        if not name:
+            continue
+        where = f"{list_path}:{lineno}"
+        if name in first_line:
+            raise ValueError(f"{where}: image {name!r} already on line {first_line[name]}")
+        first_line[name] = lineno
+        if name not in mapping:
+            raise ValueError(f"{where}: {json_path} has no labels for image {name!r}")
+        names.append(name)
+        images.append(image_under(image_dir, name, where, allow_outside))
+        per_image.append(class_indices(mapping[name], len(classes), f"{json_path}: image {name!r}"))
+    if not names:
+        raise ValueError(f"{list_path}: no image names")
+    return LabeledSplit(classes, images, labels_from_indices(per_image, len(classes), str(json_path)))

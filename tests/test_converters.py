@@ -13,7 +13,7 @@ from PIL import Image
 
 from data_shards import format as fmt
 from data_shards.coco import read_coco
-from data_shards.convert import convert_labeled, convert_split, jpeg_bytes
+from data_shards.convert import BadImagesError, convert_labeled, convert_split, jpeg_bytes
 from data_shards.jsonl import read_jsonl
 from data_shards.listfmt import read_list
 from data_shards.voc import VOC_CLASSES, read_voc
@@ -102,7 +102,7 @@ def test_list_format(tmp_path):
     mapping = json.loads(fx["labels_json"].read_text())
     del mapping[fx["names"][4]]
     fx["labels_json"].write_text(json.dumps(mapping))
-    with pytest.raises(KeyError, match=fx["names"][4]):
+    with pytest.raises(ValueError, match=rf"image_list.txt:5: .*{fx['names'][4]}"):
         read_list(fx["image_list"], fx["labels_json"], fx["images"], num_classes=7)
 
 
@@ -145,15 +145,24 @@ def test_missing_files_name_the_path(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_missing_image_aborts_conversion(tmp_path, workers):
+def test_bad_images_all_reported_then_fail_or_skip(tmp_path, workers):
     fx = make_coco_fixture(tmp_path, n_images=10)
     data = read_coco(fx["annotations"], fx["images"])
-    victim = data.images[7]
-    victim.unlink()
+    missing, cut = data.images[7], data.images[2]
+    missing.unlink()
+    cut.write_bytes(cut.read_bytes()[:40])
     out = tmp_path / "shards"
-    with pytest.raises(FileNotFoundError, match=victim.name):
+    with pytest.raises(BadImagesError, match=rf"2 of 10 images .*#2 .*{cut.name}.*#7 .*{missing.name}"):
         convert_labeled(data, out, "coco", "train", num_workers=workers, shard_bytes=3000, progress=False)
     _no_outputs(out)
+    info = convert_labeled(data, out, "coco", "train", num_workers=workers, shard_bytes=3000,
+                           progress=False, bad_images="skip")
+    assert info["num_samples"] == 8 and info["num_skipped"] == 2
+    assert [(b["index"], b["image"]) for b in info["skipped_images"]] == [(2, str(cut)), (7, str(missing))]
+    keep = [i for i in range(10) if i not in (2, 7)]
+    np.testing.assert_array_equal(np.load(out / info["labels"]), fx["labels"][keep])
+    _, got = _read_shards(out, "train")
+    assert got[2]["jpg"] == data.images[3].read_bytes()  # renumbered in order, JPEG kept as is
 
 
 @pytest.mark.parametrize("workers", [0, 2])
