@@ -22,7 +22,6 @@ DTYPES = {
 }
 
 
-
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """The generated DeepSpeed config: micro batch, accumulation, ZeRO stage, precision, clipping."""
     t = cfg.train
@@ -58,7 +57,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
 
 
 def cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -66,6 +66,9 @@ class CheckpointingMixin:
         if hasattr(self.data.train_loader, "state_dict"):
             rank_state["loader"] = self.data.train_loader.state_dict()
         extra = {"mAP": mAP, "class_names": self.data.class_names}
+        improved = mAP is not None and mAP >= self.best_map
+        if mAP is not None:  # before the state is saved: a resume from here must know this mAP
+            self.best_map = max(self.best_map, mAP)
         path = self.checkpoints.save(
             self.engine,
             self.epoch,
@@ -76,10 +79,8 @@ class CheckpointingMixin:
             mid_epoch,
             config=self.cfg,
         )
-        if mAP is not None and mAP >= self.best_map and self.rank == 0:
+        if improved and self.rank == 0:
             self.checkpoints.mark_best(path.name)
-        if mAP is not None:
-            self.best_map = max(self.best_map, mAP)
         return path
 
     def resume(self, path: str | Path | None = None) -> bool:
