@@ -64,9 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
+    from sst_dist.train.distributed import detect_env
+    from sst_dist.train.rendezvous import LOOPBACK, make_store, pin_to_loopback
+
+    # the trainer's rendezvous (loopback-only store on one node), so the probe proves that path
+    single = detect_env().single_node
+    master = LOOPBACK if single else env["MASTER_ADDR"]
+    if single:
+        pin_to_loopback(os.environ)
+    timeout = datetime.timedelta(seconds=args.timeout)
     start = time.perf_counter()
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=args.timeout))
+    store = make_store(rank, world, master, int(env["MASTER_PORT"]), single, timeout)
+    if store is None:  # torchrun: its agent hosts the store
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     value = torch.tensor([float(rank + 1)], device=device)
     dist.all_reduce(value)
     gathered = [None] * world

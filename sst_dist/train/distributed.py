@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sst_dist.train.rendezvous import LOOPBACK, is_single_node, make_store, pin_to_loopback
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -33,6 +35,7 @@ class DistEnv:
     master_addr: str
     master_port: int
     launcher: str
+    single_node: bool = True  # every rank on this machine: the store listens on loopback only
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -87,7 +90,7 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
         port = int(env.get("MASTER_PORT", 0) or 0)
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} out of range for world size {world} (launcher {launcher})")
-    return DistEnv(rank, world, local, addr, port, launcher)
+    return DistEnv(rank, world, local, addr, port, launcher, is_single_node(env, world, addr))
 
 
 def _skip_shm_op_unless_asked() -> None:
@@ -136,21 +139,30 @@ def init_distributed(backend: str | None = None, timeout_s: int = 600) -> DistEn
 
     env = detect_env()
     port = env.master_port or _free_port()
+    addr = LOOPBACK if env.single_node else env.master_addr
     os.environ.update(
         RANK=str(env.rank),
         WORLD_SIZE=str(env.world_size),
         LOCAL_RANK=str(env.local_rank),
-        MASTER_ADDR=env.master_addr,
+        MASTER_ADDR=addr,
         MASTER_PORT=str(port),
     )
     if not dist.is_initialized():
         _skip_shm_op_unless_asked()
         if backend is None:
             backend = "nccl" if local_device().type == "cuda" else "gloo"
-        deepspeed.init_distributed(
-            dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=timeout_s)
-        )
-    return DistEnv(env.rank, env.world_size, env.local_rank, env.master_addr, port, env.launcher)
+        if env.single_node:
+            pin_to_loopback(os.environ)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # our own store first (rendezvous.py: loopback on one node, none at world size 1);
+        # DeepSpeed then adopts the initialized process group
+        store = make_store(env.rank, env.world_size, addr, port, env.single_node, timeout)
+        if store is not None:
+            dist.init_process_group(
+                backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout
+            )
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    return DistEnv(env.rank, env.world_size, env.local_rank, addr, port, env.launcher, env.single_node)
 
 
 def local_device() -> torch.device:
