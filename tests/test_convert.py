@@ -221,3 +221,44 @@ def test_cli_writes_loadable_checkpoint(tmp_path):
     model = SSTModel(cfg, payload["model"]["adj_in"], embeddings=payload["model"]["label_embeddings"])
     model.load_state_dict(payload["model"], strict=True)
     assert torch.equal(model.pairs.fc2.weight, sd["intra_fc_2.weight"])
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mknod, (str(self.marker),))
+
+
+def test_cli_expected_errors_exit_2_with_one_line(tmp_path, capsys):
+    sd = reference_state_dict()
+    src, dst = tmp_path / "ref.pth", tmp_path / "sst.pt"
+    old_umask = os.umask(0o022)
+    try:
+        torch.save(sd, src)
+        assert cli_main(["convert-checkpoint", str(src), str(dst)]) == 0
+        assert (dst.stat().st_mode & 0o777) == 0o644  # readable by the group that evaluates it
+    finally:
+        os.umask(old_umask)
+    before = dst.read_bytes()
+    capsys.readouterr()
+
+    def fails(argv, *needles):
+        assert cli_main(["convert-checkpoint", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and all(n in err for n in needles), err
+
+    fails([str(src), str(dst)], str(dst), "already exists")  # never overwrites
+    assert dst.read_bytes() == before
+    fails([str(tmp_path / "nope.pth"), str(tmp_path / "a.pt")], "nope.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    fails([str(tmp_path / "junk.pth"), str(tmp_path / "b.pt")], "junk.pth")
+    marker = tmp_path / "marker"
+    torch.save({"state_dict": sd, "opt": _Payload(marker)}, tmp_path / "pickled.pth")
+    fails([str(tmp_path / "pickled.pth"), str(tmp_path / "d.pt")], "pickled.pth", "--trust-checkpoint")
+    assert not marker.exists() and not (tmp_path / "d.pt").exists()
+    bad = dict(sd)
+    del bad["fc.weight"]
+    torch.save(bad, tmp_path / "partial.pth")
+    fails([str(tmp_path / "partial.pth"), str(tmp_path / "e.pt")], "fc.weight")
