@@ -2,8 +2,11 @@
 
 Why: the SLURM launch path (``launch/slurm/train.sbatch``) deserves a test against real
 ``sbatch``/``srun``, not a mock, and users without a cluster can try it the same way. Everything
-(config, munge key, state, spool, logs, pid files) lives under one directory, the daemons use
-free ports, and they are stopped by the pids we started, so nothing system-wide is touched.
+(config, munge key, state, spool, logs, pid files) lives in one private directory that this
+module creates fresh (mode 0700, never an existing one) under the given parent, with a fresh
+munge key; ``stop`` removes it, key included, whatever happened. The daemons use free ports,
+listen on 127.0.0.1 only (``CommunicationParameters=NoCtldInAddrAny,NoInAddrAny``), and are
+stopped by the pids we started, so nothing system-wide is touched.
 
 Python::
 
@@ -12,8 +15,8 @@ Python::
 
 Shell::
 
-    python launch/slurm_cluster.py start --dir /tmp/sst-slurm   # prints `export SLURM_CONF=...`
-    python launch/slurm_cluster.py stop --dir /tmp/sst-slurm
+    python launch/slurm_cluster.py start          # prints `export SLURM_CONF=DIR/slurm.conf`
+    python launch/slurm_cluster.py stop --dir DIR  # stops the daemons and removes DIR
     python launch/slurm_cluster.py run -- sbatch --wait launch/slurm/train.sbatch CONFIG
 """
 
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -70,12 +74,18 @@ class SlurmCluster:
     """Start/stop a private one-node SLURM cluster; ``env`` points clients at it."""
 
     def __init__(self, workdir: str | Path | None = None, cpus: int | None = None,
-                 partition: str = "debug", start_timeout: float = 90.0) -> None:
+                 partition: str = "debug", start_timeout: float = 90.0, attach: bool = False) -> None:
+        """``workdir``: parent of the cluster's private directory (default: the temp dir);
+        ``attach``: ``workdir`` is the directory of a cluster started earlier (for ``stop``)."""
         self.cpus = int(cpus or os.cpu_count() or 2)
         if self.cpus < 1:
             raise ValueError(f"cpus must be >= 1, got {self.cpus}")
-        self._own_dir = workdir is None
-        self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="sst-slurm-"))
+        if attach:
+            if workdir is None:
+                raise ValueError("attach needs the cluster directory")
+            self.dir = Path(workdir)
+        else:  # mkdtemp: a new directory with an unpredictable name, mode 0700, owned by us
+            self.dir = Path(tempfile.mkdtemp(prefix="sst-slurm-", dir=workdir))
         self.partition = partition
         self.start_timeout = start_timeout
         self.host = socket.gethostname().split(".")[0]
@@ -93,15 +103,13 @@ class SlurmCluster:
         return env
 
     def write_config(self) -> None:
-        """Write slurm.conf and the munge key; every path is under ``self.dir``."""
+        """Write slurm.conf and a fresh munge key; every path is under ``self.dir``."""
         for sub in ("state", "spool", "log", "munge"):
-            (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
-        os.chmod(self.dir / "munge", 0o700)
-        key = self.dir / "munge" / "munge.key"
-        if not key.exists():
-            key.write_bytes(secrets.token_bytes(1024))
-        os.chmod(key, 0o600)
+            (self.dir / sub).mkdir(mode=0o700)
+        # O_EXCL: a key is always created here, never taken over from an existing file
+        fd = os.open(self.dir / "munge" / "munge.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(1024))
         user = os.environ.get("USER") or subprocess.run(
             ["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
         d = self.dir
@@ -112,6 +120,8 @@ class SlurmCluster:
             f"SlurmdUser={user}",
             f"SlurmctldPort={_free_port()}",
             f"SlurmdPort={_free_port()}",
+            # bind to the configured addresses (127.0.0.1), not to every interface
+            "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny",
             "AuthType=auth/munge",
             "CredType=cred/munge",
             f"AuthInfo=socket={d}/munge/munge.socket",
@@ -199,21 +209,24 @@ class SlurmCluster:
         raise TimeoutError(f"timed out after {self.start_timeout:.0f}s waiting for {what}\n{logs}")
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Stop the daemons we started, by pid: slurmd, slurmctld, then munged."""
-        pids = dict(self.pids)
-        if not pids and (self.dir / "pids.json").exists():
-            pids = json.loads((self.dir / "pids.json").read_text())
-        if "slurmctld" in pids:
-            self._cancel_jobs()
-        for name in reversed(DAEMONS):
-            pid = pids.get(name)
-            if pid is None:
-                continue
-            proc = self.procs.get(name)
-            _terminate(pid, proc, timeout)
-        self.procs.clear()
-        self.pids.clear()
-        (self.dir / "pids.json").unlink(missing_ok=True)
+        """Stop the daemons we started, by pid (slurmd, slurmctld, then munged), then remove the
+        cluster directory with its munge key, even when stopping failed."""
+        try:
+            pids = dict(self.pids)
+            if not pids and (self.dir / "pids.json").exists():
+                pids = json.loads((self.dir / "pids.json").read_text())
+            if "slurmctld" in pids:
+                self._cancel_jobs()
+            for name in reversed(DAEMONS):
+                pid = pids.get(name)
+                if pid is None:
+                    continue
+                proc = self.procs.get(name)
+                _terminate(pid, proc, timeout)
+            self.procs.clear()
+            self.pids.clear()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def _cancel_jobs(self, timeout: float = 20.0) -> None:
         """Cancel this cluster's unfinished jobs so no task outlives its daemons."""
@@ -235,11 +248,6 @@ class SlurmCluster:
                 time.sleep(0.5)
         except (OSError, subprocess.SubprocessError):
             return  # the controller is already gone: nothing left to ask
-
-    def cleanup(self) -> None:
-        """Remove the cluster directory when we created it (a caller's directory is kept)."""
-        if self._own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> SlurmCluster:
         return self.start()
@@ -281,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="start, run a command with SLURM_CONF set, stop")
     for p in (p_start, p_stop, p_run):
         p.add_argument("--dir", type=Path, default=None,
-                       help="cluster directory (start/run: default a new temp dir; stop: required)")
+                       help="start/run: parent of the new private cluster directory (default: "
+                            "the temp dir); stop: the cluster directory that start printed")
     for p in (p_start, p_run):
         p.add_argument("--cpus", type=int, default=None, help="CPUs of the node (default: nproc)")
     p_run.add_argument("command", nargs=argparse.REMAINDER, help="command after --")
@@ -290,13 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "stop":
         if args.dir is None or not (args.dir / "pids.json").exists():
             parser.error(f"stop needs --dir of a started cluster (no pids.json in {args.dir})")
-        SlurmCluster(args.dir).stop()
-        print(f"stopped the cluster in {args.dir}")
+        SlurmCluster(args.dir, attach=True).stop()
+        print(f"stopped the cluster in {args.dir} and removed it")
         return 0
     cluster = SlurmCluster(args.dir, cpus=args.cpus)
     if args.cmd == "start":
         cluster.start(detach=True)
-        print(f"export SLURM_CONF={cluster.conf}")
+        print(f"export SLURM_CONF={shlex.quote(str(cluster.conf))}")
         print(f"# stop with: python {sys.argv[0]} stop --dir {cluster.dir}", file=sys.stderr)
         return 0
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -304,7 +313,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("run needs a command after --")
     with cluster:
         rc = subprocess.run(command, env=cluster.env).returncode
-    cluster.cleanup()
     return rc
 
 

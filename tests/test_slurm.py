@@ -19,6 +19,7 @@ from launch_support import (
     check_run_outputs,
     debug_overrides,
     launch_env,
+    listening_sockets,
     require_or_skip,
     tail,
 )
@@ -70,6 +71,31 @@ def cluster(tmp_path_factory):
     c.start()
     yield c
     c.stop()
+
+
+def test_cluster_is_private_fresh_loopback_only_and_removed(tmp_path):
+    """A key planted where an old cluster lived is not reused; the daemons listen on 127.0.0.1
+    only; the private directory (munge key included) is gone after stop."""
+    for tool in ("munged", "slurmctld", "slurmd", "sinfo", "squeue", "scancel"):
+        require_or_skip(tool, "a one-node SLURM cluster")
+    planted = tmp_path / "munge" / "munge.key"
+    planted.parent.mkdir()
+    planted.write_bytes(b"k" * 1024)
+    cluster = _slurm_cluster_module().SlurmCluster(tmp_path, cpus=1)
+    try:
+        cluster.start()
+        assert cluster.dir.parent == tmp_path and cluster.dir.stat().st_mode & 0o777 == 0o700
+        key = cluster.dir / "munge" / "munge.key"
+        assert key.read_bytes() != planted.read_bytes() and key.stat().st_mode & 0o777 == 0o600
+        for name, pid in cluster.pids.items():
+            addrs = {addr for addr, _ in listening_sockets(pid)}
+            assert addrs <= {"127.0.0.1"}, f"{name} listens on {addrs}"
+            if name != "munged":  # munged talks over its unix socket only
+                assert addrs == {"127.0.0.1"}, f"{name} listens on nothing"
+    finally:
+        cluster.stop()
+    assert not cluster.dir.exists()
+    assert planted.read_bytes() == b"k" * 1024  # someone else's file is left alone
 
 
 @pytest.mark.slow
