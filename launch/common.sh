@@ -35,3 +35,15 @@ set_entry() {
     ENTRY_IS_MODULE=1
   fi
 }
+
+# remote_shell_safe WHAT VALUE: die unless VALUE survives being re-parsed by a remote shell
+# unchanged. DeepSpeed's pdsh fan-out joins the command, the exported environment and the working
+# directory into one string that a shell on every node parses again, unquoted: a `$(...)`, `;`,
+# quote or space there would run (or split) on every node. Only these characters pass:
+# letters, digits and _ . / : = , + @ -
+remote_shell_safe() {
+  local what=$1 value=$2
+  if [[ ! "$value" =~ ^[A-Za-z0-9_./:=,+@-]*$ ]]; then
+    die "$what contains characters a remote shell would re-parse (allowed: letters, digits, _ . / : = , + @ -); got: $(printf '%q' "$value")"
+  fi
+}

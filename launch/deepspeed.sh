@@ -30,7 +30,10 @@ Options (each also read from the environment variable in brackets):
 
 Environment: SST_ROOT (repository root; default: this script's parent), SST_VENV (virtualenv;
 default $SST_ROOT/.venv, ignored when absent), DS_ACCELERATOR=cpu for CPU ranks (gloo).
-On several nodes the repository and the run's output directory must be on shared storage.
+On several nodes the repository and the run's output directory must be on shared storage, and
+the network must be trusted (README, Trust model). With a hostfile and ssh, a shell on every node
+parses the command again: arguments, forwarded variables and the working directory may then only
+hold letters, digits and _ . / : = , + @ - (anything else is refused, exit status 2).
 
 Examples:
   DS_ACCELERATOR=cpu launch/deepspeed.sh --num-gpus 2 launch/configs/debug.yaml
@@ -91,6 +94,12 @@ else
 fi
 
 set_entry "$probe_dir" "$@"
+if [[ -n "$hostfile" && "$no_ssh" != 1 ]]; then
+  # pdsh/ssh fan-out: the remote shell parses the command line again (remote_shell_safe)
+  for arg in "${entry[@]}"; do remote_shell_safe "argument" "$arg"; done
+  remote_shell_safe "the working directory" "$PWD"
+  remote_shell_safe "the python path" "$PYTHON"
+fi
 module_flag=()
 if [[ $ENTRY_IS_MODULE == 1 ]]; then module_flag=(--module); fi
 
@@ -114,8 +123,15 @@ if [[ -n "$hostfile" ]]; then
     trap 'rm -f "$env_file"' EXIT
     for var in DS_ACCELERATOR SST_ROOT SST_VENV SST_DATA_ROOT SST_OUTPUT_ROOT LOG_RANK OMP_NUM_THREADS \
                CUDA_VISIBLE_DEVICES; do
-      if [[ -n "${!var:-}" ]]; then echo "$var=${!var}" >>"$env_file"; fi
+      if [[ -n "${!var:-}" ]]; then
+        remote_shell_safe "environment variable $var" "${!var}"
+        echo "$var=${!var}" >>"$env_file"
+      fi
     done
+    # DeepSpeed also exports every variable whose name starts with one of these, unquoted
+    while IFS= read -r var; do
+      remote_shell_safe "environment variable $var" "${!var}"
+    done < <(compgen -e | grep -E '^(PYTHON|MLFLOW|MV2|UCX|NCCL)' || true)
     export DS_ENV_FILE="$env_file"  # absolute: os.path.join(home, abs) keeps it as is
   fi
 else

@@ -93,3 +93,46 @@ def test_deepspeed_hostfile_two_nodes_without_ssh(tmp_path):
     for r in results:
         assert r["world_size"] == 2 and r["local_rank"] == 0 and r["backend"] == "gloo", r
         assert r["allreduce_sum"] == 3.0, r
+
+
+# What pdsh + ssh do on every node: a shell parses the joined command string again. The rank
+# program itself is replaced by `:` so that only that parsing runs (no training).
+FAKE_PDSH = r"""#!/usr/bin/env bash
+while [[ $# -gt 0 ]]; do case "$1" in -S) shift ;; -f|-w) shift 2 ;; *) break ;; esac; done
+cmd="$*"
+cmd=${cmd//%n/0}
+cmd=${cmd//"$SST_FAKE_PYTHON"/:}
+exec bash -c "$cmd"
+"""
+
+
+@pytest.mark.parametrize("where", ["argument", "environment"])
+def test_remote_shell_cannot_run_injected_commands(tmp_path, where):
+    """A `$(touch marker)` in an override or a forwarded variable must not run on the nodes."""
+    require_or_skip("bash")
+    require_or_skip("deepspeed", "the DeepSpeed launcher")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pdsh").write_text(FAKE_PDSH)
+    (bin_dir / "ssh").write_text("#!/bin/sh\necho 127.0.0.1\n")  # the launcher's reachability check
+    for tool in ("pdsh", "ssh"):
+        (bin_dir / tool).chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    marker = tmp_path / "marker"
+    env = launch_env(tmp_path)
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    env["SST_FAKE_PYTHON"] = str(ROOT / ".venv" / "bin" / "python")
+    args = [str(DEBUG_CONFIG), "train.epochs=1"]
+    if where == "argument":
+        args.append(f"output.name=$(touch {marker})")
+    else:
+        env["SST_DATA_ROOT"] = f"/data$(touch {marker})"
+    out = subprocess.run(
+        ["bash", str(ROOT / "launch" / "deepspeed.sh"), "--hostfile", str(hostfile), "--master-addr",
+         "127.0.0.1", *args],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )
+    assert not marker.exists(), f"the remote shell ran an injected command:\n{out.stderr[-2000:]}"
+    assert out.returncode == 2 and "a remote shell would re-parse" in out.stderr, out.stderr[-2000:]
+    assert "touch" in out.stderr.splitlines()[0]
