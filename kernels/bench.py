@@ -28,6 +28,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from data_shards.safe_io import atomic_write_text
+
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
@@ -321,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         "ceilings": ceil,
         "runs": [],
     }
-    out_dir = a.out or (tempfile.gettempdir() if a.smoke else os.path.join("benchmarks", "results"))
+    # smoke: a fresh private directory (mkdtemp), not a guessable name in the shared temp dir
+    out_dir = a.out or os.path.join("benchmarks", "results")
+    if a.smoke and not a.out:
+        out_dir = tempfile.mkdtemp(prefix="sst-kernels-")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"kernels-{card_name()}-{dt.datetime.now(dt.UTC):%Y%m%d}.json")
     all_ok = True
@@ -337,8 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 report(case["name"], dname, B, chk, rows)
                 result["all_ok"], result["wall_s"] = all_ok, time.time() - t0
-                with open(path, "w") as fh:  # rewritten after every case: a killed run keeps its numbers
-                    json.dump(result, fh, indent=1)
+                # rewritten after every case (a killed run keeps its numbers); atomic, follows no link
+                atomic_write_text(path, json.dumps(result, indent=1))
     print(f"\nall checks {'passed' if all_ok else 'FAILED'}; {result['wall_s']:.0f} s; wrote {path}")
     return 0 if all_ok else 1
 
