@@ -34,8 +34,9 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if t.clip_grad > 0:
-        ds["gradient_clipping"] = t.clip_grad
+    # always explicit: DeepSpeed's own default is 1.0, so leaving the key out would clip at 1.0
+    # when train.clip_grad=0 promises no clipping
+    ds["gradient_clipping"] = float(t.clip_grad)
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif t.precision == "bf16-autocast":
