@@ -304,3 +304,37 @@ def test_best_survives_a_resume(run):
     tr = Trainer(load_config(DEBUG, _overrides(root, data, "r", "train.epochs=2")), resume=True)
     tr.release()
     assert tr.best_map == pytest.approx(recorded)  # a worse epoch 2 cannot take `best` over
+
+
+def _zero_first_jpeg(data: Path, split: str) -> None:
+    """Make the first image of ``split`` undecodable in place (same size: the index stays valid)."""
+    import tarfile
+
+    shard = sorted(data.glob(f"*-{split}-*.tar"))[0]
+    with tarfile.open(shard) as t:
+        member = next(m for m in t.getmembers() if m.name.endswith(".jpg"))
+    with open(shard, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(b"\0" * member.size)
+
+
+@pytest.mark.slow
+def test_skipped_images_are_counted_per_epoch_for_training_and_evaluation(tmp_path):
+    from sst_dist.config import load_config
+    from sst_dist.train.data import ensure_synthetic
+    from sst_dist.train.trainer import Trainer
+
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    extra = ("train.epochs=2", "train.checkpoint_every=0", "train.eval_every=1")
+    cfg = load_config(DEBUG, _overrides(tmp_path / "runs", tmp_path / "data", "r", *extra))
+    ensure_synthetic(cfg)
+    for split in ("train", "test"):
+        _zero_first_jpeg(tmp_path / "data", split)
+    tr = Trainer(cfg)
+    tr.train()
+    recs = [json.loads(x) for x in (tr.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_images"] for r in recs if r["kind"] == "epoch"] == [1, 1]  # per epoch
+    assert [r["skipped_images"] for r in recs if r["kind"] == "eval"] == [1, 1]
+    log = (tr.run_dir / "train.log").read_text()
+    assert log.count("skipped: 0 non-finite steps, 1 undecodable images") == 2, log[-3000:]
+    assert log.count("undecodable images skipped") == 2, log[-3000:]

@@ -238,7 +238,7 @@ class Trainer(CheckpointingMixin):
         bar = Progress(n - start, f"epoch {epoch}", self.cfg.train.progress)
         sums: dict[str, float] = {}
         pseudo: dict[str, float] = {}
-        count, t0, images_before = 0, time.perf_counter(), int(getattr(loader, "skipped", 0))
+        count, t0 = 0, time.perf_counter()
         for i, batch in enumerate(itertools.islice(loader, n - start), start):
             res = self.train_step(batch, epoch, i / n)
             rate = bar.update(batch.images.shape[0] * self.world, {"loss": res.global_loss})
@@ -257,7 +257,7 @@ class Trainer(CheckpointingMixin):
             "images_per_s": (n - start) * self.cfg.train.batch_size * self.world / max(elapsed, 1e-9),
             "skipped_steps": self.skipped_steps,
             "skipped_steps_epoch": n - start - count,
-            "skipped_images": self._skipped_images(loader, images_before),
+            "skipped_images": self._skipped_images(loader),
             "margin_intra": self.sst.margins["intra"],
             "margin_inter": self.sst.margins["inter"],
         }
@@ -309,16 +309,16 @@ class Trainer(CheckpointingMixin):
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def _skipped_images(self, loader: Any, before: int) -> int:
-        """Undecodable images ``loader`` dropped since it counted ``before``, summed over ranks."""
-        local = float(int(getattr(loader, "skipped", 0)) - before)
+    def _skipped_images(self, loader: Any) -> int:
+        """Undecodable images ``loader`` dropped in its current epoch (it counts per epoch and
+        carries the count through a mid-epoch resume), summed over ranks."""
+        local = float(getattr(loader, "skipped", 0))
         return int(D.all_reduce_sum(torch.tensor([local], device=self.device)).item())
 
     def evaluate(self, tag: str = "eval") -> dict | None:
         """Metrics on the test split (dict on rank 0, None elsewhere); writes the AP artefacts."""
         from sst_dist.train.evaluate import evaluate_model
 
-        before = int(getattr(self.data.test_loader, "skipped", 0))
         result = evaluate_model(
             self.engine,
             self.data.test_loader,
@@ -328,7 +328,7 @@ class Trainer(CheckpointingMixin):
             tag,
             self.data.class_names,
         )
-        skipped = self._skipped_images(self.data.test_loader, before)
+        skipped = self._skipped_images(self.data.test_loader)  # this pass over the test split
         self._set_train_mode()
         if result is not None:
             result["skipped_images"] = skipped
