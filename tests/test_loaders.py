@@ -184,6 +184,31 @@ def test_corrupt_jpeg_skipped_and_counted(tmp_path):
         assert len(batches) == len(loader) == 4 and [len(b.index) for b in batches] == [4, 3, 4, 1]
         for b in batches:
             np.testing.assert_array_equal(b.full.numpy(), labels[b.index.numpy()])
+        list(loader)  # replaying the epoch counts it afresh, not on top
+        assert loader.skipped == 1 and len(loader.skipped_where) == 1, be
+        loader.set_epoch(1)
+        assert loader.skipped == 0 and loader.skipped_where == []
+        it = iter(loader)
+        next(it)
+        state = loader.state_dict()  # mid-epoch: the count so far travels with the position
+        resumed = _load(tmp_path, be, train=False, batch_size=4)
+        resumed.load_state_dict(state)
+        rest = list(resumed)
+        assert len(rest) == 3 and resumed.skipped == 1, be
+
+
+def test_eval_tensor_is_the_loaders_eval_transform(shards):
+    """predict's seam: open_rgb + eval_tensor on one image gives exactly the eval loader's pixels."""
+    from data_shards.images import open_rgb
+    from data_shards.loaders.augment import eval_tensor
+
+    out, _ = shards
+    loader = _load(out, "torch", train=False, batch_size=4)
+    batch = next(iter(loader))
+    reader = loader.reader
+    for row, i in enumerate(batch.index.tolist()):
+        single = eval_tensor(open_rgb(reader.read(i)), SIZE)
+        assert torch.equal(single, batch.images[row])
 
 
 def _rewrite_shard(tmp_path, drop_ext=None, bad_label=False):

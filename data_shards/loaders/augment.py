@@ -120,4 +120,4 @@ def eval_tensor(im, image_size: int, dtype: torch.dtype = torch.float32) -> torc
     ``predict`` uses it on ``open_rgb(path)`` so single images get exactly the loaders' pixels.
     """
     arr = pil_eval(im, AugConfig(image_size))
-    return normalize_uint8(torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous(), dtype)[0]
+    return normalize_uint8(torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None].contiguous(), dtype)[0]

@@ -281,7 +281,7 @@ class BaseLoader:
         self.num_workers, self.device, self.dtype = num_workers, torch.device(device), dtype
         self.drop_last = drop_last
         self.epoch, self._position = 0, 0
-        self.skipped = 0
+        self.skipped = 0  # undecodable images of the current epoch so far (see _reset_skipped)
         self.skipped_where: list[str] = []
         self._len = len(self.plan(0))  # also validates rank/batch_size against N
 
@@ -299,9 +299,15 @@ class BaseLoader:
         return self._position
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's permutation; a new epoch starts at its first batch."""
+        """Select the epoch's permutation; a new epoch starts at its first batch (and skip count)."""
         if epoch != self.epoch:
             self.epoch, self._position = int(epoch), 0
+            self._reset_skipped()
+
+    def _reset_skipped(self) -> None:
+        """``skipped``/``skipped_where`` count the current epoch only (the trainer logs them per epoch)."""
+        self.skipped = 0
+        self.skipped_where = []
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self._position, "seed": self.seed,
@@ -331,6 +337,8 @@ class BaseLoader:
     def __iter__(self):
         if self._position >= self._len:  # iterating a finished epoch again replays it
             self._position = 0
+        if self._position == 0:
+            self._reset_skipped()
         batches = self.plan()
         for images, kept, skipped in self._produce(batches, self._position):
             self._note_skipped(skipped)
