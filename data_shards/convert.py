@@ -126,7 +126,7 @@ def load_json(text: str, where: str):
     try:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from err
+        raise ValueError(f"{where}: invalid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from err
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from err
 
