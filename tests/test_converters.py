@@ -208,3 +208,23 @@ def test_cli_help(fmt_name, capsys):
         main(["shards", fmt_name, "--help"])
     assert exc.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    from sst_dist.cli import main
+
+    fx = make_jsonl_fixture(tmp_path, n_images=3)
+    fx["jsonl"].write_text(fx["jsonl"].read_text() + '{"image": "img/000.jpg", "labels": null}\n')
+    out = tmp_path / "shards"
+    args = ["shards", "jsonl", "--jsonl", str(fx["jsonl"]), "--classes", str(fx["class_file"]),
+            "--out", str(out), "--split", "train", "--workers", "0", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "data.jsonl:4" in err and "Traceback" not in err
+    fx["paths"][1].write_bytes(b"broken")
+    fx["jsonl"].write_text("\n".join(fx["jsonl"].read_text().splitlines()[:3]) + "\n")
+    assert main(args) == 2 and "1 of 3 images cannot be used" in capsys.readouterr().err
+    assert main(args + ["--bad-images", "skip"]) == 0
+    assert "1 unreadable image(s) skipped" in capsys.readouterr().out
+    assert main(args + ["--bad-images", "skip"]) == 2  # an existing split needs --overwrite
+    assert "--overwrite" in capsys.readouterr().err
