@@ -43,6 +43,7 @@ class Run:
     steps_per_epoch: int
     bank_filled: int
     class_names: list[str]
+    bank: torch.Tensor
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,8 @@ def run(tmp_path_factory):
     trainer = Trainer(cfg)
     summary = trainer.train()
     yield Run(copy.deepcopy(cfg), trainer.run_dir, tmp, summary, trainer.global_step, trainer.steps_per_epoch,
-              int(trainer.model.bank.filled.sum()), list(trainer.data.class_names))
+              int(trainer.model.bank.filled.sum()), list(trainer.data.class_names),
+              trainer.model.bank.bank.detach().clone())
     os.environ.clear()
     os.environ.update(saved)
 
@@ -220,11 +222,12 @@ def test_nan_loss_is_skipped_then_aborts_keeping_last_checkpoint(fresh):
 
 
 @pytest.mark.slow
-def test_damaged_latest_falls_back_to_previous(fresh):
+def test_damaged_latest_falls_back_to_previous(run, fresh):
     tr = fresh()
     ck = tr.checkpoints.root
     assert tr.epoch == 2
     bank2 = tr.model.bank.bank.clone()
+    assert torch.equal(bank2, run.bank)  # the resume restored the bank the run ended with
     state = ck / "epoch_0002" / "sst_state.pt"
     good = state.read_bytes()
     state.write_bytes(b"garbage")  # a torn write of the newest checkpoint (in this test's copy)
