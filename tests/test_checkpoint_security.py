@@ -163,3 +163,22 @@ def test_check_torch_file_names_the_file_without_unpickling(tmp_path):
     with pytest.raises(DamagedCheckpoint, match=f"{f}: truncated"):
         check_torch_file(f, trust=False)
     assert not marker.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rel", KINDS)
+def test_loads_refuse_pickle_even_past_the_file_check(run, tmp_path, monkeypatch, rel):
+    """Second line of defence: with the pre-load check switched off, DeepSpeed's own loader (routed
+    through weights_only) and the SST/rank-file loads still refuse the payload."""
+    from sst_dist.config import load_config
+    from sst_dist.safe_load import UnsafeCheckpointError
+    from sst_dist.train import checkpoint
+    from sst_dist.train.trainer import Trainer
+
+    root, data, run_dir = run
+    marker = tmp_path / "pwned"
+    plant(run_dir / "checkpoints" / "epoch_0001", rel, marker)
+    monkeypatch.setattr(checkpoint, "verify_checkpoint", lambda path, trust=False: {})
+    with pytest.raises(UnsafeCheckpointError, match=rel.split("/")[-1]):
+        Trainer(load_config(DEBUG, _overrides(root, data)), resume=True)
+    assert not marker.exists()
