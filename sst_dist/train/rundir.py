@@ -7,7 +7,7 @@ metrics, and two runs with the same name wrote into each other. Rank 0 now
 - takes ``.lock`` (an ``flock`` the kernel drops when the process dies, so a crashed run never
   blocks the next; where the file system has no ``flock`` the lock's pid is checked instead),
 - refuses a fresh run into a directory with checkpoints unless told ``--overwrite``,
-- clears the old outputs and writes ``config.yaml`` only once training really starts.
+- clears the old outputs (the trainer then writes ``config.yaml``) only once training really starts.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -157,20 +156,3 @@ def _remove(p: Path) -> None:
         p.unlink()
     else:
         shutil.rmtree(p)
-
-
-def write_run_config(cfg: Any, run_dir: Path) -> Path:
-    """Save the resolved config as ``run_dir/config.yaml`` via a fresh temporary name + rename
-    (a planted link at ``config.yaml`` is replaced, never written through)."""
-    from sst_dist.config import save_config
-
-    target = Path(run_dir) / "config.yaml"
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml.tmp", dir=run_dir)
-    os.close(fd)
-    try:
-        save_config(cfg, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target

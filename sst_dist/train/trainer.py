@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sst_dist.config import RunConfig
+from sst_dist.config import RunConfig, save_config
 from sst_dist.train import distributed as D
 from sst_dist.train import rundir
 from sst_dist.train.checkpoint import CheckpointError, CheckpointManager
@@ -162,7 +162,7 @@ class Trainer(CheckpointingMixin):
                 removed = rundir.clear_outputs(self.run_dir, keep_checkpoints=keep)
                 if removed:
                     log.warning("--overwrite: removed %s from %s", ", ".join(removed), self.run_dir)
-            rundir.write_run_config(self.cfg, self.run_dir)
+            save_config(self.cfg, self.run_dir / "config.yaml")  # atomic: replaces a planted link
         D.barrier()
         self.metrics = MetricsWriter(
             self.run_dir, self.cfg.output.tensorboard, None if self.finished else keep_upto
