@@ -104,17 +104,14 @@ def stale(tree: Path, ms: list[Mutation]) -> list[str]:
     return bad
 
 
+START, END = "<!-- mutation-table:start -->", "<!-- mutation-table:end -->"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
-    """The table committed as docs/mutation.md (with the command that produced it)."""
+    """The generated part of docs/mutation.md: the command, the table, the survivors."""
     caught = sum(r["result"] == "caught" for r in rows)
     lines = [
-        "# Mutation check",
-        "",
-        "Each row plants one small realistic bug in a private copy of the tree and runs the few tests",
-        "that should catch it (`scripts/mutations.py` lists them; `scripts/mutation_check.py` runs them).",
-        "A mutant may survive only as a documented equivalent (no behaviour change), or as pending when",
-        "its test does not exist yet. Audit rows are the nine bugs planted by the issue-15 audit.",
-        "",
+        START,
         f"Command: `{meta['command']}`  ",
         f"Tree: {meta['tree']}; {meta['date']}; {meta['machine']}; total {meta['seconds']:.0f} s.  ",
         f"Result: {caught} of {len(rows)} caught.",
@@ -129,9 +126,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
         )
     notes = [r for r in rows if r["result"] != "caught"]
     if notes:
-        lines += ["", "Survivors and pending rows:", ""]
+        lines += ["", "Not caught:", ""]
         lines += [f"- `{r['id']}`: {r['equivalent'] or r['result']}" for r in notes]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [END]) + "\n"
+
+
+def write_doc(path: Path, table: str) -> None:
+    """Replace the generated block of ``path`` (the prose around it is kept), or start the file."""
+    text = path.read_text() if path.is_file() else ""
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + table.rstrip("\n") + rest.split(END, 1)[1]
+    else:
+        text = text + ("\n" if text else "# Mutation check\n\n") + table
+    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     if a.doc is not None:
-        a.doc.write_text(markdown(rows, meta))
+        write_doc(a.doc, markdown(rows, meta))
     ok = not failed_baseline and all(
         r["result"] == "caught" or r["result"].startswith("survived (") for r in rows
     )
