@@ -41,8 +41,7 @@ MUTATIONS: list[Mutation] = [
         "sst_dist/train/checkpoint.py",
         "load_optimizer_states=True, load_lr_scheduler_states=True",
         "load_optimizer_states=True, load_lr_scheduler_states=False",
-        ["tests/test_resume.py"], audit=True,
-        pending="the run-safety engineer's scheduler-resume test in tests/test_resume.py",
+        ["tests/test_resume.py::test_crash_then_resume_across_a_steplr_decay"], audit=True,
     ),
     Mutation(
         "label-seed-is-train-seed", "loaders", "loader uses the training seed as the partial-label seed",
