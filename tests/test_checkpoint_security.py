@@ -182,3 +182,22 @@ def test_loads_refuse_pickle_even_past_the_file_check(run, tmp_path, monkeypatch
     with pytest.raises(UnsafeCheckpointError, match=rel.split("/")[-1]):
         Trainer(load_config(DEBUG, _overrides(root, data)), resume=True)
     assert not marker.exists()
+
+
+def test_a_flipped_byte_is_caught_by_the_record_crc(tmp_path):
+    """Same size, one bit of tensor data wrong: only the zip record's CRC tells."""
+    import struct
+    import zipfile
+
+    from sst_dist.train.ckpt_files import DamagedCheckpoint, check_torch_file
+
+    f = tmp_path / "state.pt"
+    torch.save({"w": torch.arange(1000.0)}, f)
+    with zipfile.ZipFile(f) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data/0"))
+    data = bytearray(f.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + 100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(DamagedCheckpoint, match=f"{f}: record .*data/0 is corrupt"):
+        check_torch_file(f, trust=False)
