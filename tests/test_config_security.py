@@ -183,3 +183,19 @@ def test_save_config_is_atomic_and_follows_no_planted_link(tmp_path):
     assert victim.read_text() == "keep me\n"
     assert not (run_dir / "config.yaml").is_symlink()
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]  # no temp file left
+
+
+def test_overrides_may_follow_options(tmp_path):
+    """`sst-dist train CONFIG --print-config key=value` applies the override (not 'unrecognized')."""
+    cfg = Path(__file__).resolve().parents[1] / "launch" / "configs" / "debug.yaml"
+    out = subprocess.run(
+        [sys.executable, "-m", "sst_dist.cli", "train", str(cfg), "--print-config", "train.epochs=7"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "epochs: 7" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "sst_dist.cli", "train", str(cfg), "--print-config", "--no-such-flag"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert bad.returncode == 2 and "unrecognized arguments: --no-such-flag" in bad.stderr
