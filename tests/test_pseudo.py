@@ -60,6 +60,10 @@ def test_no_positives_and_never_negative() -> None:
     q = torch.full((1, 3), 10.0)
     labels = torch.tensor([[0.0, -1.0, 0.0]])
     assert torch.equal(intra_pseudo_labels(q, labels, 0.01), labels)
+    # A known -1 stays -1 even when its score is far above the margin (here s_1 = P01 ~ 1).
+    labels = torch.tensor([[1.0, -1.0, 0.0]])
+    assert intra_scores(torch.full((1, 3), 10.0), labels)[0, 1] > 0.99
+    assert intra_pseudo_labels(torch.full((1, 3), 10.0), labels, 0.5).tolist() == [[1.0, -1.0, 1.0]]
     # Low probabilities never produce -1: unknowns stay 0.
     labels = torch.tensor([[1.0, 0.0, 0.0]])
     out = intra_pseudo_labels(torch.full((1, 3), -10.0), labels, 0.5)
