@@ -12,15 +12,16 @@ $(STAMP): setup.py pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[dev,dali]'
-	bash scripts/install_system_deps.sh
 	@touch $(STAMP)
 
+# the system packages (SLURM, sshd, pdsh) only the tests need; root via apt-get
 setup: $(STAMP)
+	bash scripts/install_system_deps.sh
 
 demo: $(STAMP)
 	PATH=$$PATH:$(CURDIR)/$(VENV)/bin bash launch/demo.sh
 
-test: $(STAMP)
+test: setup
 	PATH=$$PATH:$(CURDIR)/$(VENV)/bin $(PY) -m ruff check .
 	PATH=$$PATH:$(CURDIR)/$(VENV)/bin $(PY) -m pytest -q tests
 

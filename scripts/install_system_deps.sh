@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Install the system tools the launch tests need (a one-node SLURM cluster: slurm-wlm + munge).
+# Install the system tools the launch tests need: slurm-wlm + munge (the SLURM test clusters),
+# openssh-server + openssh-client + pdsh (the DeepSpeed launcher's ssh fan-out between the
+# multi-host tests' network-namespace hosts), iproute2 (those namespaces).
 # Idempotent and quiet: does nothing when the tools are already there. Needs root (or sudo) and
 # Debian/Ubuntu apt; elsewhere it says what to install by hand.
 set -euo pipefail
@@ -9,7 +11,9 @@ usage() {
 Usage: scripts/install_system_deps.sh [--check] [--help]
 
 Installs the Debian packages slurm-wlm and munge (slurmctld, slurmd, sbatch, srun, sacct,
-munged) with apt-get when they are missing. Runs `apt-get update` first. Quiet on success.
+munged), openssh-server, openssh-client and pdsh (sshd, ssh, pdsh) and iproute2 (ip) with
+apt-get when they are missing. Runs `apt-get update` first. Quiet on success. Only the tests
+need them (`make test`); `make demo` does not.
 
   --check   only report what is missing; exit 1 if anything is
   --help    show this message
@@ -30,6 +34,8 @@ declare -A PKG_OF=(
   [slurmctld]=slurm-wlm [slurmd]=slurm-wlm [sbatch]=slurm-wlm [srun]=slurm-wlm
   [sinfo]=slurm-wlm [sacct]=slurm-wlm [scontrol]=slurm-wlm
   [munged]=munge [munge]=munge
+  [sshd]=openssh-server [ssh]=openssh-client [ssh-keygen]=openssh-client [pdsh]=pdsh
+  [ip]=iproute2
 )
 
 missing_pkgs=()
