@@ -6,11 +6,13 @@ straight. Run B (2 DataLoader workers) checkpoints every 3 steps and, after glob
 a real SIGUSR1, as slurmstepd signals every process of a job step. It must save a checkpoint at
 that step and stop with ``Preempted``; the workers must survive the signal. Run C resumes B and
 finishes; its weights and bank must equal A's, which holds only if the loader position, RNG,
-bank, optimizer and scheduler all came back at step 12.
+bank, optimizer and scheduler all came back at step 12, and B's metrics.jsonl must then hold A's
+records, each step once.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -85,3 +87,10 @@ def test_sigusr1_saves_mid_epoch_and_resume_matches_uninterrupted(tmp_path):
     assert got.keys() == want.keys()
     for k in want:
         assert torch.allclose(got[k].double(), want[k].double(), atol=1e-6, rtol=1e-5), k
+    # the metrics of B + C are A's: step 12 logged once, before its checkpoint (none lost, none twice)
+    assert _records(b.run_dir) == _records(a.run_dir)
+
+
+def _records(run_dir: Path) -> list[tuple[str, int]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["kind"], r["step"]) for r in map(json.loads, lines)]
