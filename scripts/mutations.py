@@ -159,7 +159,7 @@ MUTATIONS: list[Mutation] = [
         "data_shards/loaders/common.py",
         "share = order[rank * per: rank * per + count * batch_size]",
         "share = order[rank: rank + count * batch_size]",
-        ["tests/test_loaders.py", "-k", "disjoint_complete and torch"],
+        ["tests/test_loaders.py::test_backends_same_samples_disjoint_complete[2]"],
     ),
     Mutation(
         "op-uses-ground-truth", "metrics", "overall precision divides by ground-truth count",
@@ -173,6 +173,13 @@ MUTATIONS: list[Mutation] = [
         "        V = self.fc2(embeddings)  # (C,D)\n",
         "        V = self.fc2(embeddings.detach())  # (C,D)\n",
         [TRAINER_GRADS],
+    ),
+    Mutation(
+        "clip-zero-means-default", "distributed", "clip_grad=0 leaves DeepSpeed's default clipping (1.0) on",
+        "sst_dist/train/engine_setup.py",
+        '    ds["gradient_clipping"] = float(t.clip_grad)\n',
+        '    if t.clip_grad > 0:\n        ds["gradient_clipping"] = t.clip_grad\n',
+        ["tests/test_grad_clipping.py"],
     ),
     Mutation(
         "ci-skips-silently", "test harness", "conftest no longer turns CI skips into failures",
