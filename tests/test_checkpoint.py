@@ -139,3 +139,15 @@ def test_checkpoint_files_load_without_pickle_and_hold_the_config(tmp_path):
     expect = (random.random(), float(np.random.rand()), np.random.randn())
     set_rng_state(rank["rng"])
     assert (random.random(), float(np.random.rand()), np.random.randn()) == expect
+
+
+def test_newer_complete_checkpoint_beats_a_stale_latest(tmp_path):
+    """A crash between the directory rename and the ``latest`` update leaves the pointer one behind;
+    resuming the older one would later overwrite the newer, complete checkpoint."""
+    mgr = CheckpointManager(tmp_path, keep=5)
+    _save(mgr, 1, 1.0)
+    _save(mgr, 2, 2.0)
+    (mgr.root / "latest").write_text("epoch_0001\n")
+    eng = FileEngine()
+    where, *_ = mgr.load(eng)
+    assert where.name == "epoch_0002" and eng.value == 2.0

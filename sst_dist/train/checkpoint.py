@@ -227,7 +227,13 @@ class CheckpointManager:
             raise CheckpointError(f"{p} is neither a checkpoint directory (no meta.json) nor a run directory")
         order = list(reversed(self.complete()))
         target = self._pointer("latest")
-        if target is not None:
+        if target is not None and order and order[0].name > target.name:
+            # a crash between the rename and the pointer update: the newer checkpoint is complete,
+            # and a run continued from the older one would overwrite it
+            log.warning(
+                "latest names %s but %s is newer and complete; trying it first", target.name, order[0]
+            )
+        elif target is not None:
             order = [target] + [p for p in order if p != target]
         return order
 
