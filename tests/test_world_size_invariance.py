@@ -7,10 +7,10 @@ accelerator. Every rank writes the memory bank, pseudo labels, loss, its own fir
 after each of two steps. Images are 128 px, so the feature map is 2x2 (S = 4) and the semantic
 decoupling's softmax and label embeddings train; weights are compared far below one Adam step.
 
-Batch norm: the trainable neck BatchNorm runs in training mode; with world 2 it is the CPU
-synchronization of this project (``train.batchnorm=sync`` -> ``AllReduceBatchNorm``: a
-differentiable all-reduce of per-channel count/sum/sum of squares). The trunk BNs stay frozen in
-eval mode (freeze policy ``layer4``). A second test checks AllReduceBatchNorm alone against a
+Batch norm: the trainable BatchNorms (layer4's and the neck's, the reference recipe) run in
+training mode; with world 2 they use the CPU synchronization of this project
+(``train.batchnorm=sync`` -> ``AllReduceBatchNorm``: a differentiable all-reduce of per-channel
+count/sum/sum of squares). conv1..layer3's BNs stay in eval mode (freeze policy ``layer4``). A second test checks AllReduceBatchNorm alone against a
 float64 BatchNorm over the full batch, outputs and gradients.
 """
 
