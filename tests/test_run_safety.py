@@ -184,6 +184,11 @@ def test_run_config_and_logs_never_write_through_planted_links(tmp_path):
         MetricsWriter(run_dir, tensorboard=False)
     with pytest.raises(UnsafePathError, match="train.log"):
         setup_logging(run_dir / "train.log")
+    (run_dir / "metrics.jsonl").unlink()
+    (run_dir / "tensorboard").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(UnsafePathError, match="tensorboard"):
+        MetricsWriter(run_dir, tensorboard=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r", "victim.txt"]  # no events written there
     assert victim.read_text() == "precious\n"
 
 

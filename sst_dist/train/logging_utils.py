@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from data_shards.safe_io import atomic_write_text, open_append
+from data_shards.safe_io import UnsafePathError, atomic_write_text, ensure_own_dir, open_append
 from sst_dist.train import distributed as D
 
 
@@ -112,7 +112,10 @@ class MetricsWriter:
                 from torch.utils.tensorboard import SummaryWriter
 
                 purge = None if keep_upto is None else keep_upto + 1
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
+                events = ensure_own_dir(Path(run_dir) / "tensorboard")  # never a planted link
+                self.tb = SummaryWriter(str(events), purge_step=purge)
+            except UnsafePathError:
+                raise
             except Exception as e:  # tensorboard missing or broken: keep the JSONL record
                 logging.getLogger("sst_dist").warning("TensorBoard disabled: %s", e)
 
