@@ -342,3 +342,19 @@ def test_skipped_images_are_counted_per_epoch_for_training_and_evaluation(tmp_pa
     log = (tr.run_dir / "train.log").read_text()
     assert log.count("skipped: 0 non-finite steps, 1 undecodable images") == 2, log[-3000:]
     assert log.count("undecodable images skipped") == 2, log[-3000:]
+
+
+@pytest.mark.slow
+def test_resume_from_an_older_checkpoint_with_overwrite_replaces_the_newer_ones(run, capsys):
+    root, data, run_dir = run
+    ck = run_dir / "checkpoints"
+    (ck / "best").write_text("epoch_0000_step_00000002\n")  # as if the older one had the best mAP
+    older = ck / "epoch_0000_step_00000002"
+    rc, lines = _train(capsys, root, data, "--resume-from", str(older), "--overwrite")
+    assert rc == 0, lines
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in recs if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) == [2, 4], steps  # step 2 kept, step 4 logged once, anew
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == [older.name, "epoch_0001"]
+    assert (ck / "latest").read_text().strip() == "epoch_0001"
+    assert (ck / "best").read_text().strip() in (older.name, "epoch_0001")

@@ -131,17 +131,19 @@ def claim(run_dir: Path, resuming: bool, overwrite: bool) -> RunLock:
     return lock
 
 
-def clear_outputs(run_dir: Path, keep_checkpoints: tuple[str, ...] = ()) -> list[str]:
-    """Remove the outputs of a previous run (``--overwrite``), but not the listed checkpoints.
-
-    Links are removed, never followed. Returns what was removed."""
+def clear_outputs(
+    run_dir: Path, keep_checkpoints: tuple[str, ...] = (), checkpoints_only: bool = False
+) -> list[str]:
+    """Remove the outputs of a previous run (``--overwrite``), but not the listed checkpoints;
+    ``checkpoints_only`` (a resume within the run) keeps its metrics, which the metrics writer
+    cuts back to the resumed step. Links are removed, never followed. Returns what was removed."""
     run_dir = Path(run_dir)
     removed: list[str] = []
-    for name in OUTPUTS:
+    for name in ("checkpoints",) if checkpoints_only else OUTPUTS:
         p = run_dir / name
         if name == "checkpoints" and p.is_dir() and not p.is_symlink():
-            for child in p.iterdir():
-                if child.name in keep_checkpoints:
+            for child in sorted(p.iterdir()):
+                if child.name in keep_checkpoints or _points_to_kept(p, child.name, keep_checkpoints):
                     continue
                 _remove(child)
                 removed.append(f"checkpoints/{child.name}")
@@ -149,6 +151,19 @@ def clear_outputs(run_dir: Path, keep_checkpoints: tuple[str, ...] = ()) -> list
             _remove(p)
             removed.append(name)
     return removed
+
+
+def _points_to_kept(root: Path, name: str, keep: tuple[str, ...]) -> bool:
+    """Whether ``name`` is a pointer file (latest/best) naming a checkpoint that stays."""
+    from sst_dist.train.checkpoint import read_pointer
+
+    if name not in ("latest", "best") or not keep:
+        return False
+    try:
+        target = read_pointer(root, name)
+    except ValueError:
+        return False
+    return target is not None and target.name in keep
 
 
 def _remove(p: Path) -> None:

@@ -156,10 +156,13 @@ class Trainer(CheckpointingMixin):
         Nothing here runs for a finished run, so resuming one only reports it."""
         keep_upto = self.global_step if self.resumed_from is not None else -1
         if self.rank == 0 and not self.finished:
-            if self.overwrite:
-                mine = self.resumed_from is not None and self.resumed_from.parent == self.checkpoints.root
-                keep = tuple(c.name for c in self.checkpoints.complete() if mine and c <= self.resumed_from)
-                removed = rundir.clear_outputs(self.run_dir, keep_checkpoints=keep)
+            if self.overwrite:  # a fresh start, or a resume from a checkpoint older than others
+                here = self.resumed_from is not None
+                here = here and self.resumed_from.parent.resolve() == self.checkpoints.root.resolve()
+                keep = tuple(
+                    c.name for c in self.checkpoints.complete() if here and c.name <= self.resumed_from.name
+                )
+                removed = rundir.clear_outputs(self.run_dir, keep_checkpoints=keep, checkpoints_only=here)
                 if removed:
                     log.warning("--overwrite: removed %s from %s", ", ".join(removed), self.run_dir)
             save_config(self.cfg, self.run_dir / "config.yaml")  # atomic: replaces a planted link
