@@ -219,7 +219,7 @@ class CheckpointManager:
     def candidates(self, explicit: str | Path | None = None) -> list[Path]:
         """Directories to try, best first: ``explicit`` or the pointer target, then older ones."""
         if explicit is not None:
-            p = Path(explicit)
+            p = Path(explicit).expanduser().resolve()  # links the user typed are the user's choice
             if (p / "meta.json").is_file():
                 return [p]
             if (p / "checkpoints").is_dir():
