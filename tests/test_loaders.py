@@ -95,6 +95,18 @@ def test_plan_by_hand():
         rank_batches(5, 2, 2, 2, 0, 0, True, True)
 
 
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_train_step_reads_what_one_rank_with_the_global_batch_reads(world_size):
+    """World-size invariance of the data: at every step the ranks' batches, in rank order, are
+    the one-rank batch of size batch * world (not each rank's own contiguous share)."""
+    for epoch in (0, 1):
+        one = rank_batches(35, 2 * world_size, 0, 1, 5, epoch, True, True)
+        ranks = [rank_batches(35, 2, r, world_size, 5, epoch, True, True) for r in range(world_size)]
+        assert all(len(r) == len(one) for r in ranks)
+        for k, batch in enumerate(one):
+            assert np.concatenate([r[k] for r in ranks]).tolist() == batch.tolist()
+
+
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_backends_same_samples_disjoint_complete(shards, world_size):
     out, labels = shards

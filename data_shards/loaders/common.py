@@ -1,7 +1,9 @@
 """What every loader backend shares: the sample table, the per-epoch plan, labels and resume state.
 
 All backends consume the same *plan*: for (seed, epoch) a permutation of the global sample indices
-(train) or dataset order (eval), cut into one equal share per rank and then into batches. So for
+(train) or dataset order (eval). Train: cut into global batches of ``batch_size * world_size``,
+each split into one slice per rank, so every step sees the samples one rank with the global
+batch would see. Eval: cut into one equal share per rank and then into batches. So for
 the same arguments DALI, torch and torch-gpu read exactly the same samples in the same batches;
 only the pixel arithmetic differs. Reading a sample by global index needs random access, which
 the DALI index files (``X.tar.idx``, member offsets) give for shards on a (shared) file system.
@@ -72,8 +74,10 @@ def rank_batches(num_samples: int, batch_size: int, rank: int, world_size: int, 
                 f"{num_samples} samples over {world_size} ranks give {per} per rank: not one full batch "
                 f"of {batch_size} (drop_last=True)"
             )
-        share = order[rank * per: rank * per + count * batch_size]
-        return list(share.reshape(count, batch_size))
+        # global step k reads order[k*G:(k+1)*G] (G = batch_size * world_size), rank r its r-th
+        # slice: the same samples per step as one rank with batch G (world-size invariance)
+        steps = order[: count * batch_size * world_size].reshape(count, world_size, batch_size)
+        return list(steps[:, rank])
     lo, hi = (num_samples * rank) // world_size, (num_samples * (rank + 1)) // world_size
     longest = math.ceil(num_samples / world_size)
     share = order[lo:hi]
