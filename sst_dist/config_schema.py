@@ -209,6 +209,66 @@ class OutputConfig:
         return Path(self.root) / self.name
 
 
+# DeepSpeed keys the run config already sets from train.*: the loaders, the scheduler and the
+# checkpoints read the train.* value, so a second value in `deepspeed:` would silently disagree.
+DS_OWNED = {
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.clip_grad",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "torch_autocast": "train.precision",
+    "optimizer": "train.lr and train.weight_decay (the trainer builds Adam)",
+    "scheduler": "train.lr_step_epochs and train.lr_gamma (the trainer builds StepLR)",
+    "zero_optimization.stage": "train.zero_stage",
+}
+
+
+def merge_mappings(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: nested mappings key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_mappings(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def deepspeed_section(section: Any, prefix: str = "deepspeed") -> dict[str, Any]:
+    """The DeepSpeed settings a run config adds: ``config_file`` (a JSON object) with the inline
+    keys merged over it. Raises ConfigError naming the key or file for a bad section."""
+    import json
+
+    _check(isinstance(section, dict), prefix, f"must be a mapping of DeepSpeed config keys, got {section!r}")
+    inline = dict(section)
+    merged: dict[str, Any] = {}
+    path = inline.pop("config_file", "") or ""
+    if path:
+        _check(isinstance(path, str), f"{prefix}.config_file", f"must be a path, got {path!r}")
+        try:
+            merged = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(
+                f"config key '{prefix}.config_file': cannot read {path} ({e.strerror})"
+            ) from None
+        except ValueError as e:
+            raise ConfigError(f"config key '{prefix}.config_file': {path} is not JSON ({e})") from None
+        _check(isinstance(merged, dict), f"{prefix}.config_file", f"{path} must hold a JSON object")
+    merged = merge_mappings(merged, inline)
+    zero = merged.get("zero_optimization")
+    for key, owner in DS_OWNED.items():
+        head, _, sub = key.partition(".")
+        present = sub in zero if sub and isinstance(zero, dict) else (not sub and head in merged)
+        _check(not present, f"{prefix}.{key}", f"is set by {owner}; set that instead")
+    try:
+        json.dumps(merged)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key {prefix!r}: not expressible as JSON ({e})") from None
+    return merged
+
+
 @dataclass
 class RunConfig:
     """The whole run: model (the model's own ModelConfig), data, losses, pseudo labels, training."""
@@ -219,6 +279,8 @@ class RunConfig:
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    # merged over the generated DeepSpeed config (deepspeed_section; `config_file` names a JSON file)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
     # dotted key -> the text the user wrote, for string values that held ${SST_*} references
     # (filled by sst_dist.config; save_config writes these instead of the expanded values)
     as_written: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -226,6 +288,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         for name in ("data", "loss", "pseudo", "train", "output"):
             getattr(self, name).validate(name)
+        deepspeed_section(self.deepspeed)
         if self.data.synthetic.enabled:
             _check(
                 self.model.num_classes == self.data.synthetic.num_classes,

@@ -5,13 +5,16 @@ Split from :mod:`.trainer` so the trainer reads as the training loop and its run
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from sst_dist.config import RunConfig
+from sst_dist.config_schema import deepspeed_section, merge_mappings
 
 # the dtype of weights, buffers and input images (autocast keeps them float32)
 DTYPES = {
@@ -23,7 +26,8 @@ DTYPES = {
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """The generated DeepSpeed config: micro batch, accumulation, ZeRO stage, precision, clipping."""
+    """The DeepSpeed config: generated from train.* (micro batch, accumulation, ZeRO stage,
+    precision, clipping), then the run config's ``deepspeed:`` section merged over it."""
     t = cfg.train
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.batch_size,
@@ -50,7 +54,17 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
             "hysteresis": 2,
             "min_loss_scale": 1,
         }
-    return ds
+    return merge_mappings(ds, deepspeed_section(cfg.deepspeed))
+
+
+def save_deepspeed_config(ds: dict[str, Any], run_dir: Path) -> Path:
+    """Write the DeepSpeed config the engine got to ``run_dir/ds_config.json`` (atomically), so a
+    run shows what its ``deepspeed:`` section and the generated settings added up to."""
+    from data_shards.safe_io import atomic_write_text
+
+    path = Path(run_dir) / "ds_config.json"
+    atomic_write_text(path, json.dumps(ds, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 def seed_everything(seed: int) -> None:

@@ -30,7 +30,13 @@ from sst_dist.config import RunConfig, save_config
 from sst_dist.train import distributed as D
 from sst_dist.train import rundir
 from sst_dist.train.checkpoint import CheckpointError, CheckpointManager
-from sst_dist.train.engine_setup import DTYPES, cast_buffers, deepspeed_config, seed_everything
+from sst_dist.train.engine_setup import (
+    DTYPES,
+    cast_buffers,
+    deepspeed_config,
+    save_deepspeed_config,
+    seed_everything,
+)
 from sst_dist.train.logging_utils import MetricsWriter, Progress, setup_logging
 from sst_dist.train.preemption import Preempted, PreemptionFlag
 from sst_dist.train.run_state import CheckpointingMixin
@@ -137,8 +143,9 @@ class Trainer(CheckpointingMixin):
         scheduler = torch.optim.lr_scheduler.StepLR(
             optimizer, step_size=cfg.train.lr_step_epochs * opt_steps, gamma=cfg.train.lr_gamma
         )
+        self.ds_config = deepspeed_config(cfg, self.world)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, self.world)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
         self.model = self.engine.module
         log.info("model %s on %s, head impl %s", cfg.model.backbone, self.device, self.model.impl)
@@ -166,6 +173,7 @@ class Trainer(CheckpointingMixin):
                 if removed:
                     log.warning("--overwrite: removed %s from %s", ", ".join(removed), self.run_dir)
             save_config(self.cfg, self.run_dir / "config.yaml")  # atomic: replaces a planted link
+            save_deepspeed_config(self.ds_config, self.run_dir)
         D.barrier()
         self.metrics = MetricsWriter(
             self.run_dir, self.cfg.output.tensorboard, None if self.finished else keep_upto
