@@ -30,6 +30,9 @@ Options (each also read from the environment variable in brackets):
 
 Environment: SST_ROOT (repository root; default: this script's parent), SST_VENV (virtualenv;
 default $SST_ROOT/.venv, ignored when absent), DS_ACCELERATOR=cpu for CPU ranks (gloo).
+With a hostfile and ssh the remote ranks get DS_ACCELERATOR, OMP_NUM_THREADS,
+CUDA_VISIBLE_DEVICES, every SST_* variable, DeepSpeed's own (PYTHON*, NCCL*, ...) and the lines
+of your .deepspeed_env ($DS_ENV_FILE, else ~/.deepspeed_env and ./.deepspeed_env).
 On several nodes the repository and the run's output directory must be on shared storage, and
 the network must be trusted (README, Trust model). With a hostfile and ssh, a shell on every node
 parses the command again: arguments, forwarded variables and the working directory may then only
@@ -37,11 +40,26 @@ hold letters, digits and _ . / : = , + @ - (anything else is refused, exit statu
 
 Examples:
   DS_ACCELERATOR=cpu launch/deepspeed.sh --num-gpus 2 launch/configs/debug.yaml
-  launch/deepspeed.sh --hostfile hosts.txt launch/configs/coco.yaml train.epochs=20 --resume
+  launch/deepspeed.sh --hostfile hostfile launch/configs/coco2014.yaml train.epochs=20 --resume
 EOF
 }
 
 die() { echo "deepspeed.sh: $*" >&2; echo "Run 'launch/deepspeed.sh --help' for usage." >&2; exit 2; }
+
+# append_env_file USER_FILE OUT: copy the KEY=VALUE lines of a .deepspeed_env into OUT, refusing
+# (exit 2, naming file and line) what DeepSpeed would split wrongly or a remote shell re-parse.
+append_env_file() {
+  local src=$1 out=$2 n=0 line key
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    n=$((n + 1))
+    [[ -n "${line//[[:space:]]/}" && "$line" != \#* ]] || continue
+    [[ "$line" == *=* ]] || die "$src:$n: expected KEY=VALUE, got $(printf '%q' "$line")"
+    key=${line%%=*}
+    [[ "$key" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "$src:$n: '$key' is not a variable name"
+    remote_shell_safe "$src:$n: the value of $key" "${line#*=}"
+    echo "$line" >>"$out"
+  done <"$src"
+}
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SST_ROOT=${SST_ROOT:-$(dirname "$SCRIPT_DIR")}
@@ -118,15 +136,24 @@ if [[ -n "$hostfile" ]]; then
     [[ -n "$master_addr" ]] || die "--no-ssh needs --master-addr (or MASTER_ADDR)"
     ds_args+=(--no_ssh --node_rank "$node_rank")
   else
-    # Remote ranks get only PYTHON*-prefixed variables; hand over the ones we rely on too.
+    # Remote ranks get only PYTHON*-prefixed variables and DeepSpeed's env file; hand over the
+    # ones we rely on (every SST_* variable the code reads, e.g. SST_LOG_RANK) and then the
+    # user's own .deepspeed_env lines (read where DeepSpeed reads them), which win as in DeepSpeed.
     env_file=$(mktemp -t sst_ds_env.XXXXXX)
     trap 'rm -f "$env_file"' EXIT
-    for var in DS_ACCELERATOR SST_ROOT SST_VENV SST_DATA_ROOT SST_OUTPUT_ROOT LOG_RANK OMP_NUM_THREADS \
-               CUDA_VISIBLE_DEVICES; do
+    for var in DS_ACCELERATOR OMP_NUM_THREADS CUDA_VISIBLE_DEVICES $(compgen -e | grep -E '^SST_' || true); do
       if [[ -n "${!var:-}" ]]; then
         remote_shell_safe "environment variable $var" "${!var}"
         echo "$var=${!var}" >>"$env_file"
       fi
+    done
+    user_env_name=${DS_ENV_FILE:-.deepspeed_env}
+    for dir in "$HOME" "$PWD"; do
+      user_env=$user_env_name
+      [[ "$user_env" == /* ]] || user_env="$dir/$user_env"
+      [[ -f "$user_env" ]] || continue
+      append_env_file "$user_env" "$env_file"
+      [[ "$user_env_name" != /* ]] || break  # an absolute DS_ENV_FILE is one file, read once
     done
     # DeepSpeed also exports every variable whose name starts with one of these, unquoted
     while IFS= read -r var; do

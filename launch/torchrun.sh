@@ -29,8 +29,8 @@ Environment: SST_ROOT (repository root; default: this script's parent), SST_VENV
 default $SST_ROOT/.venv, ignored when absent), DS_ACCELERATOR=cpu for CPU ranks (gloo).
 
 Example, two nodes:
-  node0$ NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh launch/configs/coco.yaml
-  node1$ NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/torchrun.sh launch/configs/coco.yaml
+  node0$ NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh launch/configs/coco2014.yaml
+  node1$ NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/torchrun.sh launch/configs/coco2014.yaml
 EOF
 }
 
