@@ -1,4 +1,5 @@
-"""A real one-node SLURM cluster (munged + slurmctld + slurmd) in a private directory.
+"""A real SLURM cluster (munged + slurmctld + slurmd) in a private directory: one node, or one
+slurmd per host of a multi-host test bed (network namespaces, tests/netns_hosts.py).
 
 Why: the SLURM launch path (``launch/slurm/train.sbatch``) deserves a test against real
 ``sbatch``/``srun``, not a mock, and users without a cluster can try it the same way. Everything
@@ -7,6 +8,11 @@ module creates fresh (mode 0700, never an existing one) under the given parent, 
 munge key; ``stop`` removes it, key included, whatever happened. The daemons use free ports,
 listen on 127.0.0.1 only (``CommunicationParameters=NoCtldInAddrAny,NoInAddrAny``), and are
 stopped by the pids we started, so nothing system-wide is touched.
+
+With ``hosts`` (objects with ``name``, ``addr`` and ``wrap(cmd)``, the command as run on that
+host), slurmctld runs on the first host and one slurmd per host, each bound to its host's address
+(``NodeAddr``); munged stays on this machine (its socket is a file every host reaches). Client
+commands must then run on a host too: ``cluster.client(cmd)``.
 
 Python::
 
@@ -34,7 +40,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 _SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
@@ -74,9 +82,11 @@ class SlurmCluster:
     """Start/stop a private one-node SLURM cluster; ``env`` points clients at it."""
 
     def __init__(self, workdir: str | Path | None = None, cpus: int | None = None,
-                 partition: str = "debug", start_timeout: float = 90.0, attach: bool = False) -> None:
+                 partition: str = "debug", start_timeout: float = 90.0, attach: bool = False,
+                 hosts: Sequence[Any] = ()) -> None:
         """``workdir``: parent of the cluster's private directory (default: the temp dir);
-        ``attach``: ``workdir`` is the directory of a cluster started earlier (for ``stop``)."""
+        ``attach``: ``workdir`` is the directory of a cluster started earlier (for ``stop``);
+        ``hosts``: the hosts of a multi-host cluster (see module doc), ``cpus`` each."""
         self.cpus = int(cpus or os.cpu_count() or 2)
         if self.cpus < 1:
             raise ValueError(f"cpus must be >= 1, got {self.cpus}")
@@ -88,7 +98,8 @@ class SlurmCluster:
             self.dir = Path(tempfile.mkdtemp(prefix="sst-slurm-", dir=workdir))
         self.partition = partition
         self.start_timeout = start_timeout
-        self.host = socket.gethostname().split(".")[0]
+        self.hosts = list(hosts)
+        self.host = self.hosts[0].name if self.hosts else socket.gethostname().split(".")[0]
         self.conf = self.dir / "slurm.conf"
         self.procs: dict[str, subprocess.Popen] = {}
         self.pids: dict[str, int] = {}
@@ -102,6 +113,14 @@ class SlurmCluster:
         env["PATH"] = os.pathsep.join([env.get("PATH", ""), *_SBIN])
         return env
 
+    @property
+    def node_names(self) -> list[str]:
+        return [h.name for h in self.hosts] if self.hosts else [self.host]
+
+    def client(self, cmd: list[str]) -> list[str]:
+        """``cmd`` as a client of this cluster runs it: on the controller's host when multi-host."""
+        return self.hosts[0].wrap(cmd) if self.hosts else cmd
+
     def write_config(self) -> None:
         """Write slurm.conf and a fresh munge key; every path is under ``self.dir``."""
         for sub in ("state", "spool", "log", "munge"):
@@ -113,24 +132,33 @@ class SlurmCluster:
         user = os.environ.get("USER") or subprocess.run(
             ["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
         d = self.dir
+        if self.hosts:  # one slurmd per host: per-node spool, pid and log files (%n)
+            ctld = f"{self.host}({self.hosts[0].addr})"
+            nodes = [f"NodeName={h.name} NodeAddr={h.addr} CPUs={self.cpus} State=UNKNOWN"
+                     for h in self.hosts]
+            spool, slurmd_pid, slurmd_log = f"{d}/spool/%n", f"{d}/slurmd-%n.pid", f"{d}/log/slurmd-%n.log"
+        else:
+            ctld = f"{self.host}(127.0.0.1)"
+            nodes = [f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN"]
+            spool, slurmd_pid, slurmd_log = f"{d}/spool", f"{d}/slurmd.pid", f"{d}/log/slurmd.log"
         lines = [
             "ClusterName=sstdist",
-            f"SlurmctldHost={self.host}(127.0.0.1)",
+            f"SlurmctldHost={ctld}",
             f"SlurmUser={user}",
             f"SlurmdUser={user}",
             f"SlurmctldPort={_free_port()}",
             f"SlurmdPort={_free_port()}",
-            # bind to the configured addresses (127.0.0.1), not to every interface
+            # bind to the configured addresses (127.0.0.1 or each host's), not to every interface
             "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny",
             "AuthType=auth/munge",
             "CredType=cred/munge",
             f"AuthInfo=socket={d}/munge/munge.socket",
             f"StateSaveLocation={d}/state",
-            f"SlurmdSpoolDir={d}/spool",
+            f"SlurmdSpoolDir={spool}",
             f"SlurmctldPidFile={d}/slurmctld.pid",
-            f"SlurmdPidFile={d}/slurmd.pid",
+            f"SlurmdPidFile={slurmd_pid}",
             f"SlurmctldLogFile={d}/log/slurmctld.log",
-            f"SlurmdLogFile={d}/log/slurmd.log",
+            f"SlurmdLogFile={slurmd_log}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "MpiDefault=none",
@@ -145,27 +173,32 @@ class SlurmCluster:
             "ReturnToService=2",
             "SlurmdTimeout=120",
             "KillWait=5",
-            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
-            f"PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
+            *nodes,
+            f"PartitionName={self.partition} Nodes={','.join(self.node_names)} Default=YES "
+            "MaxTime=INFINITE State=UP",
         ]
         self.conf.write_text("\n".join(lines) + "\n")
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def _spawn(self, name: str, args: list[str], detach: bool) -> None:
+    def _spawn(self, name: str, args: list[str], detach: bool, host: Any = None, key: str = "") -> None:
+        """Start daemon ``name`` (on ``host`` when given; the pid is the daemon's: ip netns exec
+        and nsenter exec); ``key`` names it in ``pids`` (default ``name``)."""
         exe = find_tool(name)
         if exe is None:
             raise FileNotFoundError(
                 f"{name} not found; install slurm-wlm and munge (scripts/install_system_deps.sh)")
-        out = open(self.dir / "log" / f"{name}.stdout", "ab")  # noqa: SIM115 (owned by the child)
-        proc = subprocess.Popen([exe, *args], stdout=out, stderr=subprocess.STDOUT,
+        key = key or name
+        cmd = host.wrap([exe, *args]) if host is not None else [exe, *args]
+        out = open(self.dir / "log" / f"{key}.stdout", "ab")  # noqa: SIM115 (owned by the child)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=self.env, start_new_session=detach)
         out.close()
-        self.procs[name] = proc
-        self.pids[name] = proc.pid
+        self.procs[key] = proc
+        self.pids[key] = proc.pid
         time.sleep(0.3)
         if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited at once with code {proc.returncode}:\n"
-                               f"{_tail(self.dir / 'log' / f'{name}.stdout')}\n"
+            raise RuntimeError(f"{key} exited at once with code {proc.returncode}:\n"
+                               f"{_tail(self.dir / 'log' / f'{key}.stdout')}\n"
                                f"{_tail(self.dir / 'log' / f'{name}.log')}")
 
     def start(self, detach: bool = False) -> SlurmCluster:
@@ -181,9 +214,15 @@ class SlurmCluster:
                                    f"--log-file={self.dir}/log/munged.log",
                                    f"--seed-file={m}/munged.seed"], detach)
             self._wait_for(lambda: (m / "munge.socket").exists(), "munged socket")
-            self._spawn("slurmctld", ["-D", "-c", "-f", str(self.conf)], detach)
-            self._spawn("slurmd", ["-D", "-f", str(self.conf), "-N", self.host], detach)
-            self._wait_for(self._node_idle, f"node {self.host} idle in sinfo")
+            first = self.hosts[0] if self.hosts else None
+            self._spawn("slurmctld", ["-D", "-c", "-f", str(self.conf)], detach, first)
+            if self.hosts:
+                for h in self.hosts:
+                    self._spawn("slurmd", ["-D", "-f", str(self.conf), "-N", h.name], detach, h,
+                                f"slurmd-{h.name}")
+            else:
+                self._spawn("slurmd", ["-D", "-f", str(self.conf), "-N", self.host], detach)
+            self._wait_for(self._node_idle, f"node(s) {','.join(self.node_names)} idle in sinfo")
         except BaseException:
             self.stop()
             raise
@@ -195,9 +234,11 @@ class SlurmCluster:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} died with code {proc.returncode}:\n"
                                    f"{_tail(self.dir / 'log' / f'{name}.log')}")
-        r = subprocess.run([find_tool("sinfo") or "sinfo", "-h", "-N", "-o", "%t", "-n", self.host],
+        r = subprocess.run(self.client([find_tool("sinfo") or "sinfo", "-h", "-N", "-o", "%t", "-n",
+                                        ",".join(self.node_names)]),
                            capture_output=True, text=True, env=self.env)
-        return r.returncode == 0 and r.stdout.strip().rstrip("*") == "idle"
+        states = [st.rstrip("*") for st in r.stdout.split()]
+        return r.returncode == 0 and states == ["idle"] * len(self.node_names)
 
     def _wait_for(self, ready, what: str) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -205,7 +246,7 @@ class SlurmCluster:
             if ready():
                 return
             time.sleep(0.5)
-        logs = "\n".join(f"--- {n}.log ---\n{_tail(self.dir / 'log' / f'{n}.log')}" for n in DAEMONS)
+        logs = "\n".join(f"--- {p.name} ---\n{_tail(p)}" for p in sorted((self.dir / "log").glob("*.log")))
         raise TimeoutError(f"timed out after {self.start_timeout:.0f}s waiting for {what}\n{logs}")
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -217,12 +258,10 @@ class SlurmCluster:
                 pids = json.loads((self.dir / "pids.json").read_text())
             if "slurmctld" in pids:
                 self._cancel_jobs()
-            for name in reversed(DAEMONS):
-                pid = pids.get(name)
-                if pid is None:
-                    continue
-                proc = self.procs.get(name)
-                _terminate(pid, proc, timeout)
+            # every slurmd (one per host when multi-host), then slurmctld, then munged
+            order = sorted(pids, key=lambda k: -DAEMONS.index(k.split("-", 1)[0]))
+            for name in order:
+                _terminate(pids[name], self.procs.get(name), timeout)
             self.procs.clear()
             self.pids.clear()
         finally:
@@ -234,14 +273,14 @@ class SlurmCluster:
         if squeue is None or scancel is None:
             return
         try:
-            jobs = subprocess.run([squeue, "-h", "-o", "%i"], capture_output=True, text=True, env=self.env,
-                                  timeout=10).stdout.split()
+            jobs = subprocess.run(self.client([squeue, "-h", "-o", "%i"]), capture_output=True, text=True,
+                                  env=self.env, timeout=10).stdout.split()
             if not jobs:
                 return
-            subprocess.run([scancel, *jobs], env=self.env, timeout=10, capture_output=True)
+            subprocess.run(self.client([scancel, *jobs]), env=self.env, timeout=10, capture_output=True)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                left = subprocess.run([squeue, "-h", "-o", "%i"], capture_output=True, text=True,
+                left = subprocess.run(self.client([squeue, "-h", "-o", "%i"]), capture_output=True, text=True,
                                       env=self.env, timeout=10).stdout.split()
                 if not left:
                     return

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,16 @@ def require_or_skip(tool: str, why: str = "") -> str:
             pytest.fail(f"CI=true: {msg}")
         pytest.skip(msg)
     return path
+
+
+def slurm_cluster_module():
+    """launch/slurm_cluster.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slurm_cluster", ROOT / "launch" / "slurm_cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:
@@ -190,3 +202,35 @@ def listening_sockets(pid: int | str = "self") -> list[tuple[str, int]]:
             raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
             found.append((str(ipaddress.ip_address(raw)), int(hex_port, 16)))
     return found
+
+
+# -- SLURM jobs ------------------------------------------------------------------------------------
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+            "DEADLINE", "PREEMPTED"}
+
+
+def _as_is(cmd: list[str]) -> list[str]:
+    return cmd
+
+
+def job_fields(job_id: str, env: dict[str, str], client=_as_is) -> dict[str, str]:
+    """``scontrol show job`` as a dict; ``client`` wraps the command to run where the cluster is."""
+    out = subprocess.run(client(["scontrol", "show", "job", "-o", job_id]), env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, f"scontrol show job {job_id} failed: {out.stderr}"
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def wait_for_job(
+    job_id: str, env: dict[str, str], timeout: float, log: Path, client=_as_is
+) -> dict[str, str]:
+    """Fields of the job once it reached a terminal state; cancel it and fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fields = job_fields(job_id, env, client)
+        if fields.get("JobState") in TERMINAL:
+            return fields
+        time.sleep(2)
+    subprocess.run(client(["scancel", job_id]), env=env, timeout=30)
+    text = log.read_text(errors="replace") if log.exists() else "(no job output yet)"
+    pytest.fail(f"SLURM job {job_id} did not finish within {timeout}s:\n{tail(text)}")

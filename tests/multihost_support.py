@@ -78,11 +78,12 @@ def final_state_initial(ref_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().double() for k, v in model.state_dict().items()}
 
 
-def resumed_from(run_dir: Path) -> re.Match:
-    """The resume line of the second leg (epoch 1 must start from the epoch-0 checkpoint)."""
+def resumed_from(run_dir: Path, epoch: int | None = 1) -> re.Match:
+    """The run's resume line (from a checkpoint of ``epoch``, any epoch when None)."""
     log = (run_dir / "train.log").read_text()
     m = re.search(r"resumed from \S+/(epoch_\d{4}\S*) \(epoch (\d+), step (\d+)\)", log)
-    assert m and int(m.group(2)) == 1, f"no resume from epoch 1 in {run_dir / 'train.log'}:\n{log[-2000:]}"
+    ok = m is not None and (epoch is None or int(m.group(2)) == epoch)
+    assert ok, f"no resume (epoch {epoch}) in {run_dir / 'train.log'}:\n{log[-2000:]}"
     return m
 
 

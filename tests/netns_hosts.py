@@ -5,17 +5,19 @@ host name resolution, the rendezvous address, node ranks, ssh fan-out, a job ste
 nodes. :class:`NetnsHosts` builds ``n`` hosts ``node0``, ``node1``, ... each a network
 namespace with its own host name (a UTS namespace), its own address ``10.213.0.(i+1)/24`` on a
 veth whose other end sits on a bridge in a namespace of its own (the machine's own network
-namespace gets no interface, address or route), and an ``/etc/hosts`` naming every host. The
-hosts file and an ssh directory reach each host through ``ip netns exec``'s bind mounts of
-``/etc/netns/<ns>/`` (the machine's own /etc is not edited). Each host runs a real ``sshd`` on
-its address with a host key made here; the client key, ``known_hosts`` and the ssh client
-configuration (batch mode, strict host key checking) are made here too and used only inside the
-namespaces. The hosts have no route anywhere else: traffic can reach only the hosts built here.
+namespace gets no interface, address or route), and an ``/etc/hosts`` naming every host. That
+hosts file and an ssh directory, made in this fixture's private directory, are bind-mounted over
+/etc/hosts and /etc/ssh in a private mount namespace of every command run on a host: the
+machine's own /etc is not edited, and /sys (with the cgroups slurmd needs) stays. Each host runs
+a real ``sshd`` on its address with a host key made here; the client key, ``known_hosts`` and
+the ssh client configuration (batch mode, strict host key checking) are made here too and used
+only inside the namespaces. The hosts have no route anywhere else: traffic can reach only the
+hosts built here.
 
 :meth:`NetnsHosts.close` always runs (context manager, pytest fixture teardown): it ends every
-process left in the namespaces, unmounts and deletes them, removes ``/etc/netns/<ns>`` and the
-private directory. Needs root, ``ip`` (iproute2), ``nsenter``/``unshare`` (util-linux), and
-``sshd``/``ssh``/``ssh-keygen`` (scripts/install_system_deps.sh).
+process left in the namespaces, unmounts and deletes them and removes the private directory.
+Needs root, ``ip`` (iproute2), ``nsenter``/``unshare`` (util-linux), and ``sshd``/``ssh``/
+``ssh-keygen`` (scripts/install_system_deps.sh).
 """
 
 from __future__ import annotations
@@ -53,10 +55,17 @@ class Host:
     addr: str  # its only non-loopback address
     netns: str  # the namespace's name (ip netns)
     uts: Path  # bind-mounted UTS namespace file (nsenter --uts)
+    etc: Path  # this host's hosts file and ssh directory
 
     def wrap(self, cmd: list[str]) -> list[str]:
-        """``cmd`` as run on this host: its network, /etc/hosts, /etc/ssh and host name."""
-        return ["ip", "netns", "exec", self.netns, "nsenter", f"--uts={self.uts}", "--", *cmd]
+        """``cmd`` as run on this host: its network, host name, /etc/hosts and /etc/ssh (the
+        pid stays the command's: nsenter, unshare and sh all exec)."""
+        binds = f"mount --bind {self.etc}/hosts /etc/hosts"
+        if (self.etc / "ssh").is_dir():
+            binds += f" && mount --bind {self.etc}/ssh /etc/ssh"
+        return ["nsenter", f"--net=/run/netns/{self.netns}", f"--uts={self.uts}", "--",
+                "unshare", "--mount", "--propagation", "private", "--",
+                "sh", "-c", f'{binds} && exec "$@"', "sh", *cmd]
 
 
 class NetnsHosts:
@@ -71,11 +80,10 @@ class NetnsHosts:
         self.tag = secrets.token_hex(3)
         self.dir = Path(tempfile.mkdtemp(prefix="sst-netns-"))  # 0700, unpredictable
         self.bridge_ns = f"sst{self.tag}-br"
-        self.hosts = [Host(f"node{i}", f"{SUBNET}.{i + 1}", f"sst{self.tag}-node{i}", self.dir / f"uts{i}")
-                      for i in range(n)]
+        self.hosts = [Host(f"node{i}", f"{SUBNET}.{i + 1}", f"sst{self.tag}-node{i}", self.dir / f"uts{i}",
+                           self.dir / f"etc{i}") for i in range(n)]
         self._made_ns: list[str] = []
         self._mounted: list[Path] = []
-        self._etc: list[Path] = []
         self.sshd: dict[str, subprocess.Popen] = {}
         try:
             self._build()
@@ -109,17 +117,14 @@ class NetnsHosts:
             self._ip("-n", h.netns, "addr", "add", f"{h.addr}/24", "dev", "eth0")
             self._ip("-n", h.netns, "link", "set", "eth0", "up")
             self._ip("-n", h.netns, "link", "set", "lo", "up")
-            etc = Path("/etc/netns") / h.netns
-            etc.mkdir(parents=True, mode=0o755)
-            self._etc.append(etc)
-            (etc / "hosts").write_text(hosts_text)
-            (etc / "hostname").write_text(h.name + "\n")
+            h.etc.mkdir(mode=0o755)
+            (h.etc / "hosts").write_text(hosts_text)
             h.uts.touch()
             subprocess.run(["unshare", f"--uts={h.uts}", "hostname", h.name], check=True, timeout=30)
             self._mounted.append(h.uts)
 
     def _start_sshd(self) -> None:
-        """One sshd per host on its address; /etc/netns/<ns>/ssh becomes that host's /etc/ssh."""
+        """One sshd per host on its address; the host's ``etc/ssh`` becomes its /etc/ssh."""
         keys = self.dir / "ssh"
         keys.mkdir(mode=0o700)
         keygen = find("ssh-keygen")
@@ -135,7 +140,7 @@ class NetnsHosts:
         (keys / "known_hosts").write_text("\n".join(known) + "\n")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
         for i, h in enumerate(self.hosts):
-            etc_ssh = Path("/etc/netns") / h.netns / "ssh"
+            etc_ssh = h.etc / "ssh"
             etc_ssh.mkdir(mode=0o755)
             (etc_ssh / "ssh_config").write_text(
                 "Host *\n"
@@ -215,14 +220,8 @@ class NetnsHosts:
             subprocess.run(["umount", str(uts)], capture_output=True, timeout=30)
         for ns in reversed(self._made_ns):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-        for etc in self._etc:
-            shutil.rmtree(etc, ignore_errors=True)
-        try:
-            Path("/etc/netns").rmdir()  # only when no other namespace has files there
-        except OSError:
-            pass
         shutil.rmtree(self.dir, ignore_errors=True)
-        self._made_ns, self._mounted, self._etc = [], [], []
+        self._made_ns, self._mounted = [], []
 
     def __enter__(self) -> NetnsHosts:
         return self

@@ -17,7 +17,8 @@ def test_section_and_json_file_merge_over_the_generated_config(tmp_path):
     ds_json.write_text(json.dumps({"zero_optimization": {"overlap_comm": True, "reduce_bucket_size": 5},
                                    "dump_state": True}))
     cfg = load_config(DEBUG_CONFIG, [f"deepspeed.config_file={ds_json}", "deepspeed.dump_state=false",
-                                     "deepspeed.zero_optimization.reduce_bucket_size=7", "train.zero_stage=1"])
+                                     "deepspeed.zero_optimization.reduce_bucket_size=7",
+                                     "train.zero_stage=1"])
     ds = deepspeed_config(cfg, 2)
     assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True, "reduce_bucket_size": 7}
     assert ds["dump_state"] is False  # inline beats the file
@@ -28,7 +29,7 @@ def test_section_and_json_file_merge_over_the_generated_config(tmp_path):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("deepspeed.train_micro_batch_size_per_gpu=3", "deepspeed.train_micro_batch_size_per_gpu': is set by train"),
+    ("deepspeed.train_micro_batch_size_per_gpu=3", "micro_batch_size_per_gpu': is set by train"),
     ("deepspeed.zero_optimization.stage=3", "deepspeed.zero_optimization.stage': is set by train.zero_stage"),
     ("deepspeed.bf16.enabled=true", "deepspeed.bf16': is set by train.precision"),
     ("deepspeed=7", "'deepspeed': must be a mapping"),

@@ -10,19 +10,27 @@ rank with batch 8 (tests/multihost_support.py). One namespace pair serves the wh
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 import subprocess
+import time
 
 import pytest
 from launch_support import (
     DEBUG_CONFIG,
     ROOT,
+    TERMINAL,
     check_run_outputs,
     finish,
+    job_fields,
     launch_env,
     require_or_skip,
+    slurm_cluster_module,
     start,
     stop_all,
+    tail,
+    wait_for_job,
 )
 from multihost_support import (
     PER_RANK_BATCH,
@@ -84,6 +92,90 @@ def test_torchrun_two_hosts_c10d(hosts, workdir):
     log = (run / "train.log").read_text()
     assert "4 rank(s) via torchrun" in log, log[:2000]
     resumed_from(run)
+    assert_same_training(run, ref)
+
+
+def test_deepspeed_hostfile_pdsh_ssh_two_hosts(hosts, workdir):
+    """launch/deepspeed.sh on node0 only: the DeepSpeed runner checks ssh, asks node0 for its
+    address (ssh node0 hostname -I) and pdsh starts each host's ranks over ssh. The user's
+    ./.deepspeed_env (SST_LOG_RANK=all) must reach the remote ranks too."""
+    tmp, ref = workdir
+    (line,) = readme_commands("launch/deepspeed.sh")
+    cwd = tmp / "ds-cwd"  # the README's relative paths: ./hostfile and ./launch/...
+    cwd.mkdir()
+    (cwd / "launch").symlink_to(ROOT / "launch")
+    hosts.hostfile(cwd / "hostfile", slots=RANKS_PER_HOST)
+    (cwd / ".deepspeed_env").write_text("SST_LOG_RANK=all\n")
+    env = launch_env(tmp)
+    for leg, extra in ((1, []), (2, ["--resume"])):
+        cmd = ["bash", "-c", f"{line} \"$@\"", "readme", *overrides(tmp, "ds", PER_RANK_BATCH, leg),
+               "deepspeed.dump_state=false", *extra]
+        log = tmp / f"deepspeed-leg{leg}.log"
+        proc = start(hosts.hosts[0].wrap(cmd), env, log, cwd=cwd)
+        try:
+            out = finish(proc, log, TIMEOUT_S, f"deepspeed.sh leg {leg}")
+        finally:
+            stop_all([proc])
+        assert "--hostfile hostfile --launcher pdsh" in out, out[:2000]
+        assert "node0: " in out and "node1: " in out, "pdsh prefixes each host's output with its name"
+    run = tmp / "runs" / "ds"
+    check_run_outputs(run, world_size=4)
+    log = (run / "train.log").read_text()
+    assert "4 rank(s) via deepspeed" in log, log[:2000]
+    assert "[rank 3]" in out, "SST_LOG_RANK=all from ./.deepspeed_env did not reach node1's ranks"
+    ds_config = json.loads((run / "ds_config.json").read_text())
+    assert ds_config["dump_state"] is False and ds_config["train_batch_size"] == 4 * PER_RANK_BATCH
+    resumed_from(run)
+    assert_same_training(run, ref)
+
+
+@pytest.fixture(scope="module")
+def slurm(hosts, tmp_path_factory):
+    """slurmctld on node0, one slurmd per host, each bound to its host's address."""
+    for tool in ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "scancel", "squeue"):
+        require_or_skip(tool, "a two-host SLURM cluster")
+    cluster = slurm_cluster_module().SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=RANKS_PER_HOST,
+                                                  hosts=hosts.hosts)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def test_slurm_two_hosts_preempted_requeued(hosts, workdir, slurm):
+    """The README's sbatch line on node0 (2 nodes x 2 tasks); SIGUSR1 to every task on both nodes
+    once training runs; the job must checkpoint, requeue, resume across hosts and complete."""
+    tmp, ref = workdir
+    (line,) = readme_commands("sbatch")
+    cwd = tmp / "slurm-cwd"  # the submit directory: job output and the preemption marker go here
+    cwd.mkdir()
+    (cwd / "launch").symlink_to(ROOT / "launch")
+    env = {**launch_env(tmp), "SLURM_CONF": str(slurm.conf)}
+    sub = subprocess.run(slurm.client(["bash", "-c", f'{line} "$@"', "readme",
+                                       *overrides(tmp, "sl", PER_RANK_BATCH, 2)]),
+                         env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, f"sbatch failed: {sub.stderr}"
+    job_id = re.search(r"Submitted batch job (\d+)", sub.stdout).group(1)
+    job_log = cwd / f"sst-dist-{job_id}.out"
+    metrics = tmp / "runs" / "sl" / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (metrics.is_file() and '"kind": "train"' in metrics.read_text()):  # a step was logged
+        so_far = job_log.read_text(errors="replace") if job_log.exists() else "(no job output yet)"
+        assert time.monotonic() < deadline, f"no training step logged:\n{tail(so_far)}"
+        assert job_fields(job_id, env, slurm.client).get("JobState") not in TERMINAL, tail(so_far)
+        time.sleep(0.5)
+    sig = subprocess.run(slurm.client(["scancel", "--signal=USR1", job_id]), env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert sig.returncode == 0, sig.stderr
+    fields = wait_for_job(job_id, env, TIMEOUT_S, job_log, slurm.client)
+    out = job_log.read_text(errors="replace")
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", f"{fields}\n{tail(out)}"
+    assert fields["NodeList"] == "node[0-1]" and fields["NumTasks"] == "4", fields
+    assert "2 node(s), 4 task(s) (2 per node), master node0:" in out, tail(out)
+    assert "preempted after a checkpoint; requeueing" in out, tail(out)
+    run = tmp / "runs" / "sl"
+    check_run_outputs(run, world_size=4)
+    assert "4 rank(s) via slurm" in (run / "train.log").read_text()
+    resumed_from(run, epoch=None)
     assert_same_training(run, ref)
 
 

@@ -6,7 +6,6 @@ second job is preempted with SIGUSR1 mid-run: it must checkpoint, requeue itself
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import time
@@ -16,43 +15,19 @@ import pytest
 from launch_support import (
     DEBUG_CONFIG,
     ROOT,
+    TERMINAL,
     check_run_outputs,
     debug_overrides,
+    job_fields,
     launch_env,
     listening_sockets,
     require_or_skip,
+    slurm_cluster_module,
     tail,
+    wait_for_job,
 )
 
 TIMEOUT_S = 360
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED"}
-
-
-def _slurm_cluster_module():
-    spec = importlib.util.spec_from_file_location("slurm_cluster", ROOT / "launch" / "slurm_cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _job_fields(job_id: str, env: dict[str, str]) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,
-                         timeout=30)
-    assert out.returncode == 0, f"scontrol show job {job_id} failed: {out.stderr}"
-    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
-
-
-def _wait_for_job(job_id: str, env: dict[str, str], timeout: float, log: Path) -> dict[str, str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        fields = _job_fields(job_id, env)
-        if fields.get("JobState") in TERMINAL:
-            return fields
-        time.sleep(2)
-    subprocess.run(["scancel", job_id], env=env, timeout=30)
-    text = log.read_text(errors="replace") if log.exists() else "(no job output yet)"
-    pytest.fail(f"SLURM job {job_id} did not finish within {timeout}s:\n{tail(text)}")
 
 
 def _submit(env: dict[str, str], job_log: Path, args: list[str]) -> str:
@@ -67,7 +42,7 @@ def _submit(env: dict[str, str], job_log: Path, args: list[str]) -> str:
 def cluster(tmp_path_factory):
     for tool in ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "scancel"):
         require_or_skip(tool, "a one-node SLURM cluster")
-    c = _slurm_cluster_module().SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=2)
+    c = slurm_cluster_module().SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=2)
     c.start()
     yield c
     c.stop()
@@ -81,7 +56,7 @@ def test_cluster_is_private_fresh_loopback_only_and_removed(tmp_path):
     planted = tmp_path / "munge" / "munge.key"
     planted.parent.mkdir()
     planted.write_bytes(b"k" * 1024)
-    cluster = _slurm_cluster_module().SlurmCluster(tmp_path, cpus=1)
+    cluster = slurm_cluster_module().SlurmCluster(tmp_path, cpus=1)
     try:
         cluster.start()
         assert cluster.dir.parent == tmp_path and cluster.dir.stat().st_mode & 0o777 == 0o700
@@ -103,7 +78,7 @@ def test_sbatch_two_tasks_train_debug_config(tmp_path, cluster):
     env = {**launch_env(tmp_path), "SLURM_CONF": str(cluster.conf)}
     job_log = tmp_path / "job.out"
     job_id = _submit(env, job_log, debug_overrides(tmp_path, "sl"))
-    fields = _wait_for_job(job_id, env, TIMEOUT_S, job_log)
+    fields = wait_for_job(job_id, env, TIMEOUT_S, job_log)
     out = job_log.read_text(errors="replace")
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}\n{tail(out)}"
     assert fields["NumTasks"] == "2", fields
@@ -130,12 +105,12 @@ def test_sbatch_preempted_job_checkpoints_requeues_and_finishes(tmp_path, cluste
     deadline = time.monotonic() + TIMEOUT_S
     while not first.is_file():
         assert time.monotonic() < deadline, f"no epoch-1 checkpoint:\n{tail(job_log.read_text())}"
-        assert _job_fields(job_id, env).get("JobState") not in TERMINAL, tail(job_log.read_text())
+        assert job_fields(job_id, env).get("JobState") not in TERMINAL, tail(job_log.read_text())
         time.sleep(0.5)
     sig = subprocess.run(["scancel", "--signal=USR1", job_id], env=env, capture_output=True, text=True,
                          timeout=30)
     assert sig.returncode == 0, sig.stderr
-    fields = _wait_for_job(job_id, env, TIMEOUT_S, job_log)
+    fields = wait_for_job(job_id, env, TIMEOUT_S, job_log)
     out = job_log.read_text(errors="replace")
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", f"{fields}\n{tail(out)}"
     assert "preempted after a checkpoint; requeueing" in out, tail(out)
