@@ -55,8 +55,15 @@ def gather_scores(
     return index, allrows[:, 1 : 1 + c], allrows[:, 1 + c :]
 
 
+def ap_plot_rows(names: list[str], ap: list[float]) -> list[tuple[str, float | None]]:
+    """(class, AP or None) in plot order: best AP first, classes without positives (NaN AP) last."""
+    rows = [(n, None if np.isnan(a) else float(a)) for n, a in zip(names, ap)]
+    return sorted(rows, key=lambda r: (r[1] is None, -(r[1] or 0.0)))
+
+
 def save_ap_artifacts(result: dict, class_names: list[str] | None, out_dir: str | Path, tag: str) -> Path:
-    """Per-class AP JSON and a bar chart PNG (matplotlib Agg), named by ``tag``.
+    """Per-class AP JSON and a bar chart PNG (matplotlib Agg), named by ``tag``. The chart sorts
+    the classes by AP and marks those without positives, so it stays readable at 80+ classes.
 
     Written atomically, never through a planted link, into a directory of this user's own.
     """
@@ -75,11 +82,24 @@ def save_ap_artifacts(result: dict, class_names: list[str] | None, out_dir: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(ap)), 4.0))
-    ax.bar(range(len(ap)), [0.0 if np.isnan(a) else 100 * a for a in ap], color="#3b75af")
-    ax.set_xticks(range(len(ap)))
-    ax.set_xticklabels(names, rotation=90, fontsize=6 if len(ap) > 30 else 8)
-    ax.set_ylabel("AP (%)")
+    rows = ap_plot_rows(names, ap)
+    n = len(rows)
+    # one horizontal bar per class, best first: names stay horizontal and legible at 80+ classes
+    fig, ax = plt.subplots(figsize=(7.0, max(3.0, 0.9 + 0.16 * n)))
+    y = np.arange(n)
+    ax.barh(y, [0.0 if v is None else 100 * v for _, v in rows],
+            color=["#3b75af" if v is not None else "#bbbbbb" for _, v in rows])
+    for i, (_, v) in enumerate(rows):
+        if v is None:  # no positive in the test split: AP undefined, left out of the mAP
+            ax.text(1.0, i, "no positives (not in mAP)", va="center", fontsize=6, color="#555555")
+    ax.set_yticks(y)
+    ax.set_yticklabels([name for name, _ in rows], fontsize=6 if n > 30 else 8)
+    ax.invert_yaxis()
+    ax.set_ylim(n - 0.5, -0.5)
+    ax.set_xlim(0, 100)
+    ax.axvline(100 * result["mAP"], color="#d62728", linestyle="--", linewidth=1, label="mAP")
+    ax.set_xlabel("AP (%)")
+    ax.legend(loc="lower right", fontsize=7)
     ax.set_title(f"per-class AP, mAP {100 * result['mAP']:.2f} ({tag})")
     fig.tight_layout()
     png = io.BytesIO()
