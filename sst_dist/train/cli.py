@@ -3,7 +3,7 @@
 Every launcher (deepspeed, torchrun, srun, or none for a single process) starts this same
 command on each rank; the process group comes from the launcher's environment. The config is
 loaded and validated before DeepSpeed or the data are touched, so a bad key fails at once.
-Options and overrides may come in any order (``CONFIG --resume train.epochs=4``).
+Options and overrides may come in any order (``CONFIG --resume train.epochs=4``; see sst_dist.cli).
 
 Exit status: 0 done (or the resumed run had already finished); 2 bad config, run directory or
 checkpoint (one line on stderr says which); 3 aborted after repeated non-finite losses; 75
@@ -24,24 +24,7 @@ EPILOG = (
 )
 
 
-class _IntermixedParser(argparse.ArgumentParser):
-    """Lets flags and ``key=value`` overrides mix (argparse stops filling ``overrides`` at the
-    first flag otherwise, and ``CONFIG --resume train.epochs=4`` would be refused)."""
-
-    _inner = False
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        if self._inner:
-            return super().parse_known_args(args, namespace)
-        self._inner = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._inner = False
-
-
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.__class__ = _IntermixedParser
     parser.epilog = EPILOG
     parser.add_argument("config", help="run config YAML (see launch/configs/)")
     parser.add_argument(
