@@ -152,7 +152,9 @@ class SlurmCluster:
             "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={d}/munge/munge.socket",
+            # cred_expire: a requeued job waits cred_expire + 1 s before it may start again
+            # (default 120 s); 20 s still leaves a loaded machine time to launch a step
+            f"AuthInfo=socket={d}/munge/munge.socket,cred_expire=20",
             f"StateSaveLocation={d}/state",
             f"SlurmdSpoolDir={spool}",
             f"SlurmctldPidFile={d}/slurmctld.pid",

@@ -3,13 +3,18 @@ mode's throughput)."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import struct
+import subprocess
+import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from launch_support import DEBUG_CONFIG, ROOT, launch_env  # noqa: E402
 
 from sst_dist.metrics import SUMMARY_KEYS  # noqa: E402
 from sst_dist.profiling.report import throughput_panel  # noqa: E402
@@ -50,3 +55,41 @@ def test_profile_plot_labels_every_mode_and_uses_a_log_axis_for_a_wide_range():
     assert ax.get_yscale() == "log"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["data pipeline", "model step", "end to end"]
     plt.close(fig)
+
+
+def test_step_line_and_ticker_by_hand():
+    from sst_dist.train.logging_utils import StepLine, Ticker
+
+    steps = StepLine(total_steps=100, step=10)
+    steps.waited(0.0)
+    steps.done(64)
+    text = steps.line(20, epoch=1, i=5, n=50, loss=1.23456, lr=1e-4)
+    assert re.fullmatch(r"step 20/100 \(epoch 1, 5/50\) loss 1\.2346 lr 0\.0001 [\d.]+ img/s "
+                        r"data wait \d+% ETA \d+:\d\d:\d\d", text), text
+    seen: list[str] = []
+    ticker = Ticker("evaluating: batch", 25, seen.append)
+    for _ in range(25):
+        ticker.tick()
+    assert [s.split(",")[0] for s in seen] == [f"evaluating: batch {k}/25 ({4 * k}%)"
+                                               for k in (3, 6, 9, 12, 15, 18, 21, 24, 25)]
+
+
+def test_batch_job_sees_step_lines_on_stderr_and_results_alone_on_stdout(tmp_path):
+    """A training run without a terminal: a line every train.log_every steps on stderr (and in
+    train.log), none of the logging on stdout; eval prints only its JSON on stdout and its
+    progress on stderr."""
+    env = {**launch_env(tmp_path), "SST_PROGRESS": "0"}
+    args = [f"output.root={tmp_path}", "output.name=r", f"data.root={tmp_path / 'data'}", "train.epochs=1"]
+    r = subprocess.run([sys.executable, "-m", "sst_dist.cli", "train", str(DEBUG_CONFIG), *args], env=env,
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = re.findall(r"step (\d+)/8 \(epoch 0, (\d+)/8\) loss [\d.]+ lr [\d.e-]+ [\d.]+ img/s "
+                       r"data wait \d+% ETA \d+:\d\d:\d\d", r.stderr)
+    assert lines == [(str(k), str(k)) for k in (2, 4, 6, 8)], r.stderr[-3000:]
+    assert "step 2/8" in (tmp_path / "r" / "train.log").read_text()
+    assert " INFO " not in r.stdout, r.stdout[-2000:]
+    ev = subprocess.run([sys.executable, "-m", "sst_dist.cli", "eval", str(tmp_path / "r")], env=env,
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert 0.0 <= json.loads(ev.stdout)["mAP"] <= 1.0, ev.stdout  # stdout is exactly the result
+    assert "evaluating: batch 4/4 (100%)" in ev.stderr, ev.stderr[-2000:]

@@ -20,6 +20,7 @@ import torch
 from data_shards.safe_io import atomic_write_bytes, atomic_write_text, ensure_own_dir
 from sst_dist import metrics as M
 from sst_dist.train import distributed as D
+from sst_dist.train.logging_utils import Ticker
 
 log = logging.getLogger("sst_dist")
 
@@ -32,9 +33,16 @@ def gather_scores(
     was_training = model.training
     model.eval()
     idx, scores, labels = [], [], []
+    try:
+        total = len(loader)
+    except TypeError:
+        total = 0
+    total = min(total, max_batches) if max_batches and total else (max_batches or total)
+    ticker = Ticker("evaluating: batch", total, log.info)
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
+        ticker.tick()
         out = model(batch.images.to(device=device, dtype=dtype))
         idx.append(batch.index.to(device).long())
         scores.append(out.logits.float())

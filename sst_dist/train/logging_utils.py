@@ -1,5 +1,10 @@
 """Rank-filtered logging, a progress bar, TensorBoard and a metrics.jsonl record of every step.
 
+Logs go to stderr (and the run's train.log); stdout is kept for results (JSON lines, tables), so
+``sst-dist eval ... > result.json`` works. A batch job has no terminal for the progress bar, so
+:class:`StepLine` writes a text line every ``train.log_every`` steps: step of total, loss, lr,
+images/s, the share of time spent waiting for data, and the ETA of the run.
+
 Only one rank logs (rank 0, or the rank named by ``SST_LOG_RANK``; ``SST_LOG_RANK=all`` lets
 every rank log with a ``[rank N]`` prefix), so N ranks do not print N copies. The JSONL file
 is the machine-readable record (one object per logged step/epoch/eval); TensorBoard gets the
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -42,7 +48,7 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
     logger.setLevel(level if enabled else logging.ERROR)
     prefix = f"[rank {D.rank()}] " if os.environ.get("SST_LOG_RANK", "").lower() == "all" else ""
     fmt = logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%H:%M:%S")
-    h = logging.StreamHandler(sys.stdout)
+    h = logging.StreamHandler(sys.stderr)
     h.setFormatter(fmt)
     logger.addHandler(h)
     if log_file is not None and enabled:
@@ -138,6 +144,61 @@ class MetricsWriter:
             self._file = None
         if self.tb is not None:
             self.tb.close()
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class StepLine:
+    """The periodic training line: ``step 120/800 (epoch 1, 20/400) loss 1.2345 lr 1e-04
+    35.2 img/s data wait 12% ETA 0:04:10``. ``waited`` adds time spent fetching a batch; the rate,
+    data-wait share and ETA cover the steps since the previous line (the ETA: the rest of the run
+    at that pace, evaluations not included)."""
+
+    def __init__(self, total_steps: int, step: int) -> None:
+        self.total = total_steps
+        self.last_step, self.last_t = step, time.perf_counter()
+        self.wait, self.images = 0.0, 0
+
+    def waited(self, seconds: float) -> None:
+        """Time this rank spent waiting for its next batch."""
+        self.wait += seconds
+
+    def done(self, images: int) -> None:
+        """A step over ``images`` images (all ranks) finished."""
+        self.images += images
+
+    def line(self, step: int, epoch: int, i: int, n: int, loss: float, lr: float) -> str:
+        """The line for global ``step`` (``i`` of ``n`` in ``epoch``); starts the next interval."""
+        now = time.perf_counter()
+        dt, steps = max(1e-9, now - self.last_t), max(1, step - self.last_step)
+        eta = dt / steps * max(0, self.total - step)
+        text = (f"step {step}/{self.total} (epoch {epoch}, {i}/{n}) loss {loss:.4f} lr {lr:.3g} "
+                f"{self.images / dt:.1f} img/s data wait {100 * min(1.0, self.wait / dt):.0f}% "
+                f"ETA {_clock(eta)}")
+        self.last_step, self.last_t, self.wait, self.images = step, now, 0.0, 0
+        return text
+
+
+class Ticker:
+    """``emit("<what> 30/100 (30%), 0:00:12")`` about every tenth of ``total`` items and at the
+    end: evaluation and prediction progress a batch-job log can show (no terminal needed)."""
+
+    def __init__(self, what: str, total: int, emit: Any, parts: int = 10) -> None:
+        self.what, self.total, self.emit = what, max(0, int(total)), emit
+        self.every = max(1, -(-self.total // parts)) if self.total else 1
+        self.done, self.start = 0, time.perf_counter()
+
+    def tick(self, k: int = 1) -> None:
+        before, self.done = self.done, self.done + k
+        if self.done // self.every > before // self.every or (self.total and self.done == self.total):
+            pct = f" ({100 * self.done // self.total}%)" if self.total else ""
+            total = f"/{self.total}" if self.total else ""
+            self.emit(f"{self.what} {self.done}{total}{pct}, {_clock(time.perf_counter() - self.start)}")
 
 
 class Progress:

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     """Predict every readable image in batches; non-zero exit if any image was unreadable."""
     from data_shards.safe_io import UnsafePathError
     from sst_dist.train.inference import load_for_inference
+    from sst_dist.train.logging_utils import Ticker
 
     if args.batch_size < 1:
         print(f"sst-dist predict: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
@@ -95,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(line), flush=True)
         batch.clear()
 
+    ticker = Ticker("predicting: image", len(args.images), lambda m: print(f"sst-dist {m}", file=sys.stderr))
     for item in _readable(args.images, cfg.data.image_size, failed):
+        ticker.tick()
         batch.append(item)
         if len(batch) == args.batch_size:
             flush()

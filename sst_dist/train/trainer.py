@@ -37,7 +37,7 @@ from sst_dist.train.engine_setup import (
     save_deepspeed_config,
     seed_everything,
 )
-from sst_dist.train.logging_utils import MetricsWriter, Progress, setup_logging
+from sst_dist.train.logging_utils import MetricsWriter, Progress, StepLine, setup_logging
 from sst_dist.train.preemption import Preempted, PreemptionFlag
 from sst_dist.train.run_state import CheckpointingMixin
 from sst_dist.train.state import DistributedSST, StepResult, pseudo_quality
@@ -250,13 +250,19 @@ class Trainer(CheckpointingMixin):
         sums: dict[str, float] = {}
         pseudo: dict[str, float] = {}
         count, t0 = 0, time.perf_counter()
+        steps, fetched = StepLine(self.cfg.train.epochs * n, self.global_step), time.perf_counter()
         for i, batch in enumerate(itertools.islice(loader, n - start), start):
+            steps.waited(time.perf_counter() - fetched)
             res = self.train_step(batch, epoch, i / n)
             rate = bar.update(batch.images.shape[0] * self.world, {"loss": res.global_loss})
+            steps.done(batch.images.shape[0] * self.world)
             if res.finite:
                 self._account(res, i, n, epoch, rate, sums, pseudo)
                 count += 1
+            if (i + 1) % self.cfg.train.log_every == 0 or i + 1 == n:  # a batch job's progress
+                log.info(steps.line(self.global_step, epoch, i + 1, n, res.global_loss, self.lr))
             self._mid_epoch_checkpoint(i + 1, n)  # after the step's record: a resume logs from i + 2
+            fetched = time.perf_counter()
         bar.close()
         means = {k: v / max(1, count) for k, v in sums.items()}
         elapsed = time.perf_counter() - t0
