@@ -172,6 +172,8 @@ def test_slurm_two_hosts_preempted_requeued(hosts, workdir, slurm):
     assert fields["NodeList"] == "node[0-1]" and fields["NumTasks"] == "4", fields
     assert "2 node(s), 4 task(s) (2 per node), master node0:" in out, tail(out)
     assert "preempted after a checkpoint; requeueing" in out, tail(out)
+    # a user watching the job's output sees the steps go by, not one line per epoch
+    assert re.search(r"step 2/8 \(epoch 0, 2/4\) loss [\d.]+ .* ETA \d+:\d\d:\d\d", out), tail(out)
     run = tmp / "runs" / "sl"
     check_run_outputs(run, world_size=4)
     assert "4 rank(s) via slurm" in (run / "train.log").read_text()
