@@ -10,8 +10,9 @@ decoupling's softmax and label embeddings train; weights are compared far below 
 Batch norm: the trainable BatchNorms (layer4's and the neck's, the reference recipe) run in
 training mode; with world 2 they use the CPU synchronization of this project
 (``train.batchnorm=sync`` -> ``AllReduceBatchNorm``: a differentiable all-reduce of per-channel
-count/sum/sum of squares). conv1..layer3's BNs stay in eval mode (freeze policy ``layer4``). A second test checks AllReduceBatchNorm alone against a
-float64 BatchNorm over the full batch, outputs and gradients.
+count/sum/sum of squares). conv1..layer3's BNs stay in eval mode (freeze policy ``layer4``).
+A second test checks AllReduceBatchNorm alone against a float64 BatchNorm over the full batch,
+outputs and gradients.
 """
 
 from __future__ import annotations
