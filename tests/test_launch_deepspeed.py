@@ -136,3 +136,28 @@ def test_remote_shell_cannot_run_injected_commands(tmp_path, where):
     assert not marker.exists(), f"the remote shell ran an injected command:\n{out.stderr[-2000:]}"
     assert out.returncode == 2 and "a remote shell would re-parse" in out.stderr, out.stderr[-2000:]
     assert "touch" in out.stderr.splitlines()[0]
+
+
+def test_user_deepspeed_env_is_checked(tmp_path):
+    """The user's ./.deepspeed_env is read (test_multihost_launchers shows it reaching node1); a line
+    a remote shell would re-parse, or that is not KEY=VALUE, is refused naming file and line."""
+    require_or_skip("bash")
+    require_or_skip("deepspeed", "the DeepSpeed launcher")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    env = {**launch_env(tmp_path), "HOME": str(tmp_path / "home")}
+    (tmp_path / "home").mkdir()
+
+    def dry(text: str) -> subprocess.CompletedProcess:
+        (tmp_path / ".deepspeed_env").write_text(text)
+        return subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh"), "--dry-run", "--hostfile",
+                               str(hostfile), "--master-addr", "node0", str(DEBUG_CONFIG)],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    ok = dry("# comment\n\nNCCL_IB_DISABLE=1\n")
+    assert ok.returncode == 0, ok.stderr
+    bad = dry("A=1\nB=$(touch x)\n")
+    assert bad.returncode == 2 and ".deepspeed_env:2: the value of B" in bad.stderr, bad.stderr
+    assert not (tmp_path / "x").exists()
+    junk = dry("just words\n")
+    assert junk.returncode == 2 and ".deepspeed_env:1: expected KEY=VALUE" in junk.stderr, junk.stderr
