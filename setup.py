@@ -11,7 +11,7 @@ setup(
     install_requires=[
         "torch>=2.9",
         "torchvision>=0.24",
-        "deepspeed>=0.16",
+        "deepspeed>=0.17.2",  # torch_autocast config (train.precision=bf16-autocast) with ZeRO
         "webdataset>=0.2.100",
         "pycocotools>=2.0.7",
         "numpy>=1.26",
