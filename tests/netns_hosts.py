@@ -23,6 +23,7 @@ Needs root, ``ip`` (iproute2), ``nsenter``/``unshare`` (util-linux), and ``sshd`
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -47,6 +48,47 @@ def missing() -> list[str]:
     if os.geteuid() != 0:
         lack.append("root (network namespaces)")
     return lack
+
+
+def _kill_netns_processes(names: list[str]) -> None:
+    """SIGTERM, then SIGKILL, every process still inside the namespaces ``names``."""
+    def pids() -> list[int]:
+        out = []
+        for ns in names:
+            r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30)
+            out += [int(p) for p in r.stdout.split() if p.isdigit()]
+        return out
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = pids()
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = pids()
+        if not left:
+            return
+
+
+def remove_stale() -> list[str]:
+    """Delete the namespaces of fixtures whose creating process died without its teardown
+    (SIGKILL, a CI timeout). Names carry that pid; a live owner's namespaces are left alone."""
+    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
+    stale = []
+    for line in r.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = re.fullmatch(r"sst(\d+)x[0-9a-f]{6}-(br|node\d+)", name)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            stale.append(name)
+    if stale:
+        _kill_netns_processes(stale)
+        for ns in stale:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+    return stale
 
 
 @dataclass(frozen=True)
@@ -77,10 +119,12 @@ class NetnsHosts:
         lack = missing()
         if lack:
             raise RuntimeError(f"NetnsHosts needs {', '.join(lack)} (scripts/install_system_deps.sh)")
+        remove_stale()
         self.tag = secrets.token_hex(3)
         self.dir = Path(tempfile.mkdtemp(prefix="sst-netns-"))  # 0700, unpredictable
-        self.bridge_ns = f"sst{self.tag}-br"
-        self.hosts = [Host(f"node{i}", f"{SUBNET}.{i + 1}", f"sst{self.tag}-node{i}", self.dir / f"uts{i}",
+        owner = f"sst{os.getpid()}x{self.tag}"  # the creating pid: remove_stale() knows when it died
+        self.bridge_ns = f"{owner}-br"
+        self.hosts = [Host(f"node{i}", f"{SUBNET}.{i + 1}", f"{owner}-node{i}", self.dir / f"uts{i}",
                            self.dir / f"etc{i}") for i in range(n)]
         self._made_ns: list[str] = []
         self._mounted: list[Path] = []
@@ -192,25 +236,9 @@ class NetnsHosts:
         return path
 
     # -- teardown ------------------------------------------------------------------------------
-    def _netns_pids(self, ns: str) -> list[int]:
-        r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30)
-        return [int(p) for p in r.stdout.split() if p.isdigit()]
-
     def close(self) -> None:
         """End every process in our namespaces, delete them and everything made for them."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            left = [p for ns in self._made_ns for p in self._netns_pids(ns)]
-            for pid in left:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 10
-            while left and time.monotonic() < deadline:
-                left = [p for ns in self._made_ns for p in self._netns_pids(ns)]
-                time.sleep(0.2)
-            if not left:
-                break
+        _kill_netns_processes(self._made_ns)
         for proc in self.sshd.values():
             try:
                 proc.wait(timeout=5)
