@@ -78,16 +78,18 @@ def _run_jsonl(args: argparse.Namespace) -> int:
 
 def _run_synthetic(args: argparse.Namespace) -> int:
     from data_shards.coco import read_coco
-    from data_shards.synthetic import generate_scenes
+    from data_shards.synthetic import generate_scenes, generation_params, record_params
 
     raw = args.raw_dir or (args.out / "raw-synthetic")
     paths = generate_scenes(raw, args.n_train, args.n_test, num_classes=args.num_classes,
                             image_size=args.image_size, seed=args.seed, num_scenes=args.scenes,
-                            num_workers=args.workers)
+                            num_workers=args.workers, difficulty=args.difficulty)
     for split, (ann, image_dir) in paths.items():
         if (args.n_train, args.n_test)[split == "test"] == 0:
             continue
         _convert(read_coco(ann, image_dir), args, split)
+    record_params(args.out, generation_params(args.n_train, args.n_test, args.num_classes, args.image_size,
+                                              args.seed, args.scenes, args.difficulty))
     return 0
 
 
@@ -156,6 +158,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=128, help="square image side in pixels (default 128)")
     p.add_argument("--scenes", type=int, default=4, help="scene types (default 4)")
     p.add_argument("--seed", type=int, default=0, help="generation seed (same seed, same bytes)")
+    p.add_argument("--difficulty", choices=("easy", "hard"), default="easy",
+                   help="easy: large clean objects; hard: small objects, look-alike distractors, clutter, "
+                        "lighting and blur (default easy)")
     p.add_argument("--raw-dir", type=Path, default=None,
                    help="where the COCO JSON + JPEGs go (default OUT/raw-synthetic)")
     _common(p, "synthetic", split_required=False)

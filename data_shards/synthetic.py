@@ -7,8 +7,14 @@ each scene has its own background texture. An image holds 2-5 objects of varied 
 objects may cover at most half of an earlier one's box. Output: ``instances_{split}.json`` (COCO
 instances with boxes) and JPEGs, so it travels the same COCO path as the real data.
 
-Everything is a pure function of ``(seed, split, image index)``: the same seed gives the same
-bytes, whatever the number of worker processes.
+``difficulty="hard"`` makes scenes that a pretrained trunk does not saturate, with the same
+scene types and hence the same co-occurrence structure: smaller objects, unlabelled distractors
+that share shape, colour or texture with the classes (so a class is only its exact conjunction),
+background clutter, and per-image lighting, contrast, colour cast and blur.
+
+Everything is a pure function of ``(seed, split, image index, difficulty)``: the same seed gives
+the same bytes, whatever the number of worker processes. The generation parameters are recorded
+in ``synthetic.json`` beside the shards, so data built with other settings is refused, not reused.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import multiprocessing as mp
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+
+from data_shards.safe_io import atomic_write_text
 
 SHAPES = ["circle", "square", "triangle", "star", "ring", "cross", "diamond", "hexagon"]
 COLOURS = {
@@ -32,6 +40,8 @@ TEXTURES = ["solid", "striped", "dotted"]
 SPLITS = {"train": 0, "test": 1}
 _COLOUR_NAMES = list(COLOURS)
 MAX_CLASSES = 120  # lcm(8, 10, 3): beyond it (shape, colour, texture) would repeat
+DIFFICULTIES = ("easy", "hard")
+PARAMS_FILE = "synthetic.json"
 
 
 def class_appearance(k: int) -> tuple[str, str, str]:
@@ -124,32 +134,86 @@ def _background(scene: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def _paste_object(img: Image.Image, rng: np.random.Generator, look: tuple[str, str, str], size: int,
+                  x0: int, y0: int, shade: tuple[float, float]) -> None:
+    """Draw one object of appearance ``look`` at (x0, y0)."""
+    shape, colour, texture = look
+    mask = _mask(shape, size, float(rng.uniform(0, 2 * math.pi)))
+    main = np.array(COLOURS[colour], float) * rng.uniform(*shade)
+    second = main * 0.45 + 140 * 0.55  # washed-out companion colour for stripes/dots
+    pattern = _texture(texture, size, int(rng.integers(size)))
+    fill = np.where(pattern[..., None], main, second).astype(np.uint8)
+    img.paste(Image.fromarray(fill), (x0, y0), mask)
+
+
+def _distractor_look(num_classes: int, rng: np.random.Generator) -> tuple[str, str, str]:
+    """An appearance no class has, sharing one or two attributes with a random class."""
+    taken = {class_appearance(k) for k in range(num_classes)}
+    while True:
+        look = list(class_appearance(int(rng.integers(num_classes))))
+        for i in rng.choice(3, size=int(rng.integers(1, 3)), replace=False):
+            look[i] = str(rng.choice((SHAPES, _COLOUR_NAMES, TEXTURES)[i]))
+        if tuple(look) not in taken:
+            return look[0], look[1], look[2]
+
+
+def _clutter(img: Image.Image, rng: np.random.Generator, count: int) -> None:
+    """Thin lines and small blobs in random colours over the background."""
+    d = ImageDraw.Draw(img)
+    n = img.size[0]
+    for _ in range(count):
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        x0, y0 = (int(v) for v in rng.integers(0, n, 2))
+        if rng.random() < 0.5:
+            x1, y1 = (int(v) for v in rng.integers(0, n, 2))
+            d.line((x0, y0, x1, y1), fill=colour, width=int(rng.integers(1, 3)))
+        else:
+            r = int(rng.integers(1, max(2, n // 24)))
+            d.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=colour)
+
+
+def _photometric(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Per-image lighting, contrast, colour cast, blur and sensor noise."""
+    img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.6, 1.3)))
+    img = ImageEnhance.Contrast(img).enhance(float(rng.uniform(0.55, 1.15)))
+    arr = np.asarray(img, float) * rng.uniform(0.85, 1.15, 3) + rng.normal(0, 8, (*img.size[::-1], 3))
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    if rng.random() < 0.6:
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.4, 1.4))))
+    return img
+
+
 def render_image(seed: int, split: str, index: int, num_classes: int, image_size: int,
-                 scenes: list[np.ndarray]) -> tuple[bytes, list[tuple[int, list[float]]]]:
+                 scenes: list[np.ndarray], difficulty: str = "easy",
+                 ) -> tuple[bytes, list[tuple[int, list[float]]]]:
     """JPEG bytes and [(class, [x, y, w, h])] of one image, a pure function of its arguments."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
+    hard = difficulty == "hard"
     scene = int(rng.integers(len(scenes)))
     img = Image.fromarray(_background(scene, image_size, rng))
     n_obj = int(rng.integers(2, 6))
     typical = scenes[scene]
+    size_range, shade = ((0.11, 0.24), (0.65, 1.0)) if hard else ((0.18, 0.45), (0.85, 1.0))
+    if hard:  # unlabelled look-alikes and clutter first: labelled objects stay on top
+        _clutter(img, rng, int(rng.integers(4, 12)))
+        for _ in range(int(rng.integers(1, 4))):
+            size = max(8, int(image_size * rng.uniform(*size_range)))
+            x0, y0 = (int(v) for v in rng.integers(0, image_size - size + 1, 2))
+            _paste_object(img, rng, _distractor_look(num_classes, rng), size, x0, y0, shade)
     objects: list[tuple[int, list[float]]] = []
     boxes: list[tuple[int, int, int]] = []
     for _ in range(n_obj):
         k = int(rng.choice(typical)) if rng.random() < 0.85 else int(rng.integers(num_classes))
-        shape, colour, texture = class_appearance(k)
-        size = max(8, int(image_size * rng.uniform(0.18, 0.45)))
+        size = max(8, int(image_size * rng.uniform(*size_range)))
         for _try in range(10):  # keep at least half of every earlier box visible
             x0, y0 = (int(v) for v in rng.integers(0, image_size - size + 1, 2))
             if all(_overlap(x0, y0, size, bx, by, bs) <= 0.5 for bx, by, bs in boxes):
                 break
-        mask = _mask(shape, size, float(rng.uniform(0, 2 * math.pi)))
-        main = np.array(COLOURS[colour], float) * rng.uniform(0.85, 1.0)
-        second = main * 0.45 + 140 * 0.55  # washed-out companion colour for stripes/dots
-        pattern = _texture(texture, size, int(rng.integers(size)))
-        fill = np.where(pattern[..., None], main, second).astype(np.uint8)
-        img.paste(Image.fromarray(fill), (x0, y0), mask)
+        _paste_object(img, rng, class_appearance(k), size, x0, y0, shade)
         boxes.append((x0, y0, size))
         objects.append((k, [float(x0), float(y0), float(size), float(size)]))
+    if hard:
+        img = _photometric(img, rng)
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=90)
     return out.getvalue(), objects
@@ -168,8 +232,10 @@ def _render_job(args: tuple) -> tuple[bytes, list]:
 
 def generate_scenes(out_dir: str | Path, n_train: int, n_test: int, num_classes: int = 12,
                     image_size: int = 128, seed: int = 0, num_scenes: int = 4,
-                    num_workers: int = 0) -> dict[str, tuple[Path, Path]]:
+                    num_workers: int = 0, difficulty: str = "easy") -> dict[str, tuple[Path, Path]]:
     """Write both splits; returns {split: (instances JSON path, image directory)}."""
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
     if not 2 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes must be in [2, {MAX_CLASSES}], got {num_classes}")
     if not 1 <= num_scenes <= num_classes:
@@ -188,7 +254,7 @@ def generate_scenes(out_dir: str | Path, n_train: int, n_test: int, num_classes:
         for split, count in (("train", n_train), ("test", n_test)):
             image_dir = out / split
             image_dir.mkdir(parents=True, exist_ok=True)
-            jobs = [(seed, split, i, num_classes, image_size, scenes) for i in range(count)]
+            jobs = [(seed, split, i, num_classes, image_size, scenes, difficulty) for i in range(count)]
             rendered = pool.imap(_render_job, jobs, chunksize=32) if pool else map(_render_job, jobs)
             images, annotations = [], []
             for i, (data, objects) in enumerate(rendered):
@@ -200,7 +266,8 @@ def generate_scenes(out_dir: str | Path, n_train: int, n_test: int, num_classes:
                     annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": k + 1,
                                         "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
             ann_path = out / f"instances_{split}.json"
-            doc = {"info": {"description": f"synthetic scenes seed={seed} scenes={num_scenes}"},
+            about = f"synthetic scenes seed={seed} scenes={num_scenes} difficulty={difficulty}"
+            doc = {"info": {"description": about},
                    "images": images, "annotations": annotations, "categories": categories}
             tmp = ann_path.with_name(ann_path.name + ".tmp")
             tmp.write_text(json.dumps(doc))
@@ -211,3 +278,38 @@ def generate_scenes(out_dir: str | Path, n_train: int, n_test: int, num_classes:
             pool.terminate()
             pool.join()
     return result
+
+
+def generation_params(n_train: int, n_test: int, num_classes: int, image_size: int, seed: int,
+                      num_scenes: int, difficulty: str) -> dict[str, object]:
+    """What decides a synthetic dataset's bytes: recorded beside its shards, compared on reuse."""
+    return {"n_train": n_train, "n_test": n_test, "num_classes": num_classes, "image_size": image_size,
+            "seed": seed, "num_scenes": num_scenes, "difficulty": difficulty}
+
+
+def record_params(shard_dir: str | Path, params: dict[str, object]) -> None:
+    """Write ``synthetic.json`` (atomically, never through a planted link) beside the shards."""
+    atomic_write_text(Path(shard_dir) / PARAMS_FILE, json.dumps(params, indent=1, sort_keys=True) + "\n")
+
+
+def check_params(shard_dir: str | Path, params: dict[str, object]) -> None:
+    """Refuse shards generated with other settings, in one line naming the file, key and values.
+
+    Shards from before the record existed (no ``synthetic.json``) were made by the easy generator;
+    they are accepted only for ``difficulty=easy``.
+    """
+    path = Path(shard_dir) / PARAMS_FILE
+    if not path.is_file():
+        if params.get("difficulty", "easy") != "easy":
+            raise ValueError(f"{path} is missing: the shards in {shard_dir} predate the difficulty option "
+                             f"(easy scenes), but difficulty={params['difficulty']} was asked for; "
+                             "use another data.root")
+        return
+    try:
+        have = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable synthetic-data record ({e})") from None
+    for key, want in params.items():
+        if have.get(key, "easy" if key == "difficulty" else None) != want:
+            raise ValueError(f"{path}: the shards were generated with {key}={have.get(key)!r}, not {want!r}; "
+                             "use another data.root (or regenerate)")

@@ -46,6 +46,9 @@ class SyntheticConfig:
     num_classes: int = 6
     image_size: int = 64
     seed: int = 0
+    # easy: large clean objects; hard: small objects, look-alike distractors, clutter, lighting
+    # and blur (data_shards.synthetic), so that a pretrained trunk does not saturate the task
+    difficulty: Literal["easy", "hard"] = "easy"
 
     def validate(self, prefix: str) -> None:
         for name in ("num_train", "num_test", "num_classes", "image_size"):

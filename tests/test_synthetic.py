@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ from data_shards.synthetic import (
     generate_scenes,
     scene_classes,
 )
+
+DEBUG = Path(__file__).resolve().parents[1] / "launch" / "configs" / "debug.yaml"
+EASY_DIGEST = "2890348c70e226275a2fac5d9ff865bc1a227528c80a7e42b482168e776632d1"  # Pillow 11 JPEG
 
 
 def _all_bytes(root):
@@ -72,8 +76,10 @@ def test_top_object_is_drawn_in_its_colour(tmp_path):
     assert checked >= 5
 
 
-def test_cooccurrence_is_structured(tmp_path):
-    ann, image_dir = generate_scenes(tmp_path, 400, 0, num_classes=12, image_size=32, seed=0)["train"]
+@pytest.mark.parametrize("difficulty", ["easy", "hard"])
+def test_cooccurrence_is_structured(tmp_path, difficulty):
+    ann, image_dir = generate_scenes(tmp_path, 400, 0, num_classes=12, image_size=32, seed=0,
+                                     difficulty=difficulty)["train"]
     pos = (read_coco(ann, image_dir).labels == 1).astype(float)
     rng = np.random.default_rng(0)
     independent = np.stack([rng.permutation(col) for col in pos.T], axis=1)  # same marginals
@@ -115,3 +121,95 @@ def test_cli_synthetic_writes_both_splits(tmp_path):
     assert (train["num_samples"], test["num_samples"]) == (16, 6)
     assert train["classes"] == class_names(6)
     assert main(["shards", "verify", str(out)]) == 0
+
+
+def _annotations(ann):
+    doc = json.loads(ann.read_text())
+    return doc, [a["bbox"][2] for a in doc["annotations"]]
+
+
+def test_hard_scenes_small_objects_distractors_photometric(tmp_path):
+    """Hard: deterministic, smaller objects, and pixels the labels do not explain (distractors, clutter)."""
+    easy_ann, easy_dir = generate_scenes(tmp_path / "e", 40, 0, num_classes=10, image_size=128,
+                                         seed=2)["train"]
+    hard_ann, hard_dir = generate_scenes(tmp_path / "h", 40, 0, num_classes=10, image_size=128, seed=2,
+                                         difficulty="hard")["train"]
+    again, _ = generate_scenes(tmp_path / "h2", 40, 0, num_classes=10, image_size=128, seed=2,
+                               difficulty="hard")["train"]
+    assert _all_bytes(tmp_path / "h") == {k: v for k, v in _all_bytes(tmp_path / "h2").items()}
+    (_, easy_sizes), (hard_doc, hard_sizes) = _annotations(easy_ann), _annotations(hard_ann)
+    assert max(hard_sizes) <= 0.24 * 128 < np.mean(easy_sizes)
+    assert "difficulty=hard" in hard_doc["info"]["description"]
+
+    def unexplained(doc, image_dir):
+        """Share of strongly coloured pixels outside every labelled box (distractors, clutter)."""
+        shares = []
+        for img in doc["images"]:
+            px = np.asarray(Image.open(image_dir / img["file_name"]).convert("RGB"), dtype=float)
+            inside = np.zeros(px.shape[:2], dtype=bool)
+            for a in doc["annotations"]:
+                if a["image_id"] == img["id"]:
+                    x, y, w, h = (int(v) for v in a["bbox"])
+                    inside[y : y + h, x : x + w] = True
+            vivid = (px.max(axis=2) - px.min(axis=2)) > 90
+            shares.append((vivid & ~inside).sum() / max(1, vivid.sum()))
+        return float(np.mean(shares))
+
+    easy_doc = json.loads(easy_ann.read_text())
+    assert unexplained(hard_doc, hard_dir) > 2 * unexplained(easy_doc, easy_dir) + 0.05
+    # lighting varies from image to image
+    means = [np.asarray(Image.open(hard_dir / i["file_name"]), float).mean() for i in hard_doc["images"]]
+    assert np.std(means) > 8
+    with pytest.raises(ValueError, match="difficulty"):
+        generate_scenes(tmp_path / "x", 1, 1, difficulty="medium")
+
+
+def test_easy_scenes_unchanged_by_the_difficulty_option(tmp_path):
+    """The default generator still draws the same bytes as before the option (fixed digest)."""
+    import hashlib
+
+    generate_scenes(tmp_path, 3, 0, num_classes=10, image_size=64, seed=0)
+    digest = hashlib.sha256((tmp_path / "train" / "train_0000002.jpg").read_bytes()).hexdigest()
+    assert digest == EASY_DIGEST
+
+
+def _synthetic_cfg(root, difficulty):
+    from sst_dist.config import load_config
+
+    return load_config(DEBUG, [f"data.root={root}", "data.synthetic.enabled=true",
+                               "data.synthetic.num_train=8", "data.synthetic.num_test=4",
+                               "data.synthetic.image_size=32", f"data.synthetic.difficulty={difficulty}",
+                               "model.num_classes=6",
+                               "data.synthetic.num_classes=6"])
+
+
+def test_ensure_synthetic_refuses_shards_of_another_difficulty(tmp_path):
+    from sst_dist.config import ConfigError
+    from sst_dist.train.data import ensure_synthetic
+
+    ensure_synthetic(_synthetic_cfg(tmp_path, "easy"))
+    record = json.loads((tmp_path / "synthetic.json").read_text())
+    assert record["difficulty"] == "easy" and record["n_train"] == 8
+    ensure_synthetic(_synthetic_cfg(tmp_path, "easy"))  # same settings: reused
+    with pytest.raises(ConfigError, match=r"synthetic.json: .*difficulty='easy', not 'hard'"):
+        ensure_synthetic(_synthetic_cfg(tmp_path, "hard"))
+    (tmp_path / "synthetic.json").unlink()  # shards from before the record: easy only
+    ensure_synthetic(_synthetic_cfg(tmp_path, "easy"))
+    with pytest.raises(ConfigError, match="predate the difficulty option"):
+        ensure_synthetic(_synthetic_cfg(tmp_path, "hard"))
+
+
+def test_train_cli_names_the_mismatch_and_exits_2(tmp_path, capsys):
+    from sst_dist.cli import main
+
+    out = tmp_path / "shards"
+    assert main(["shards", "synthetic", "--out", str(out), "--n-train", "8", "--n-test", "4",
+                 "--image-size", "32", "--num-classes", "6", "--scenes", "4", "--workers", "0",
+                 "--no-progress", "--difficulty", "hard"]) == 0
+    assert json.loads((out / "synthetic.json").read_text())["difficulty"] == "hard"
+    rc = main(["train", str(DEBUG), f"data.root={out}", "data.synthetic.enabled=true",
+               "data.synthetic.num_train=8", "data.synthetic.num_test=4",
+               "data.synthetic.image_size=32", "model.num_classes=6", "data.synthetic.num_classes=6",
+               f"output.root={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "synthetic.json" in err and "difficulty='hard', not 'easy'" in err

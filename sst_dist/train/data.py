@@ -12,37 +12,49 @@ from pathlib import Path
 
 import torch
 
-from sst_dist.config import RunConfig
+from sst_dist.config import ConfigError, RunConfig
 from sst_dist.train import distributed as D
 
 log = logging.getLogger("sst_dist")
 
 
 def ensure_synthetic(cfg: RunConfig) -> None:
-    """Rank 0 generates and converts the synthetic scenes when ``data.synthetic.enabled`` and absent."""
+    """Rank 0 generates and converts the synthetic scenes when ``data.synthetic.enabled`` and absent.
+
+    Existing shards are reused only if their recorded generation parameters (``synthetic.json``)
+    match the config; otherwise a one-line ValueError names the file and the differing key.
+    """
     from data_shards import format as fmt
+    from data_shards import synthetic as synth
 
     s, root = cfg.data.synthetic, Path(cfg.data.root)
     if not s.enabled:
         return
     if D.rank() == 0:
+        params = synth.generation_params(s.num_train, s.num_test, s.num_classes, s.image_size, s.seed,
+                                         min(4, s.num_classes), s.difficulty)
         have = all(
             list(root.glob(f"*-{split}-_info.json")) for split in (cfg.data.train_split, cfg.data.test_split)
         )
-        if not have:
+        if have:
+            try:
+                synth.check_params(root, params)
+            except ValueError as e:  # the config asks for other data than data.root holds
+                raise ConfigError(f"data.synthetic: {e}") from None
+        else:
             from data_shards.coco import read_coco
             from data_shards.convert import convert_labeled
-            from data_shards.synthetic import generate_scenes
 
             log.info(
-                "generating synthetic scenes (%d train, %d test, %d classes, %dpx) in %s",
+                "generating synthetic scenes (%d train, %d test, %d classes, %dpx, %s) in %s",
                 s.num_train,
                 s.num_test,
                 s.num_classes,
                 s.image_size,
+                s.difficulty,
                 root,
             )
-            paths = generate_scenes(
+            paths = synth.generate_scenes(
                 root / "raw-synthetic",
                 s.num_train,
                 s.num_test,
@@ -50,6 +62,7 @@ def ensure_synthetic(cfg: RunConfig) -> None:
                 image_size=s.image_size,
                 seed=s.seed,
                 num_scenes=min(4, s.num_classes),
+                difficulty=s.difficulty,
             )
             for split, (ann, images) in paths.items():
                 out_split = cfg.data.train_split if split == "train" else cfg.data.test_split
@@ -62,6 +75,7 @@ def ensure_synthetic(cfg: RunConfig) -> None:
                     progress=False,
                     overwrite=True,
                 )
+            synth.record_params(root, params)
         fmt.find_info(root, cfg.data.train_split)
     D.barrier()
 
