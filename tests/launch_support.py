@@ -192,7 +192,8 @@ def listening_sockets(pid: int | str = "self") -> list[tuple[str, int]]:
             inodes.add(target[8:-1])
     found = []
     for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+        # /proc/PID/net: the sockets of that process's network namespace (a test host's too)
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
             cols = line.split()
             if cols[3] != "0A" or cols[9] not in inodes:  # 0A: LISTEN
                 continue

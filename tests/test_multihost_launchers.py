@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from launch_support import (
@@ -25,6 +26,7 @@ from launch_support import (
     finish,
     job_fields,
     launch_env,
+    listening_sockets,
     require_or_skip,
     slurm_cluster_module,
     start,
@@ -95,6 +97,37 @@ def test_torchrun_two_hosts_c10d(hosts, workdir):
     assert_same_training(run, ref)
 
 
+def _store_listens_on_master_addr_only(hosts, proc: subprocess.Popen, port: int) -> None:
+    """While the run trains: rank 0's rendezvous store listens on node0's own address (the one
+    MASTER_ADDR names), and no rank process on node0 listens on every interface."""
+    node0 = hosts.hosts[0]
+    deadline = time.monotonic() + TIMEOUT_S
+    while proc.poll() is None and time.monotonic() < deadline:
+        pids = subprocess.run(["ip", "netns", "pids", node0.netns], capture_output=True, text=True).stdout
+        ranks = [p for p in pids.split() if "sst_dist.cli" in _cmdline(p)]
+        found = {a for p in ranks for a in _listening(p)}
+        if any(port_ == port for _, port_ in found):
+            assert (node0.addr, port) in found, found
+            assert {addr for addr, _ in found} <= {node0.addr, "127.0.0.1"}, found
+            return
+        time.sleep(0.5)
+    pytest.fail(f"never saw rank 0's store listening on port {port} on node0")
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _listening(pid: str) -> list[tuple[str, int]]:
+    try:
+        return listening_sockets(pid)
+    except OSError:  # the process ended meanwhile
+        return []
+
+
 def test_deepspeed_hostfile_pdsh_ssh_two_hosts(hosts, workdir):
     """launch/deepspeed.sh on node0 only: the DeepSpeed runner checks ssh, asks node0 for its
     address (ssh node0 hostname -I) and pdsh starts each host's ranks over ssh. The user's
@@ -113,6 +146,8 @@ def test_deepspeed_hostfile_pdsh_ssh_two_hosts(hosts, workdir):
         log = tmp / f"deepspeed-leg{leg}.log"
         proc = start(hosts.hosts[0].wrap(cmd), env, log, cwd=cwd)
         try:
+            if leg == 1:
+                _store_listens_on_master_addr_only(hosts, proc, port=29500)
             out = finish(proc, log, TIMEOUT_S, f"deepspeed.sh leg {leg}")
         finally:
             stop_all([proc])
