@@ -98,7 +98,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "world-scale-dropped", "distributed", "loss not multiplied by world size (DeepSpeed averages)",
         "sst_dist/train/state.py",
-        "        loss = loss * world\n", "        loss = loss\n",
+        "dict(zip(rows, dens))) * D.world_size()\n", "dict(zip(rows, dens)))\n",
         [WS],
     ),
     Mutation(

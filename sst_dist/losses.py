@@ -9,6 +9,13 @@ numerator 0 and denominator 0; ``Term.value`` and ``total_loss`` divide by max(d
 so it contributes 0 (the reference would give NaN there). Denominators carry no gradient.
 
 Semantics follow the reference (loss/SST.py, SST.py); see each function for the details.
+
+There is one loss path: :func:`sst_terms` builds the terms and :func:`total_loss` weighs them.
+Training (:class:`sst_dist.train.state.DistributedSST`) calls both with the gathered global batch
+for the contrastive term and the all-reduced denominators; the single-process entry
+:func:`sst_loss_terms`, the tests and the benchmarks call the same two functions. Label values
+are validated once where the batch is made (:func:`sst_dist.pseudo.check_labels`); the terms
+check shapes only, so a training step never reads a device tensor on the host.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch.nn.functional as Fn
 from kernels import dispatch
 from kernels.torch_similarity import EPS
 from sst_dist.config import LossConfig
-from sst_dist.pseudo import check_labels, num_pairs
+from sst_dist.pseudo import check_labels, num_pairs, pseudo_enabled
 
 IMPLS = ("reference", "fused", "triton")
 TERMS = ("bce", "intra", "inter", "cooc", "contrastive")
@@ -53,7 +60,6 @@ def _float(x: torch.Tensor) -> torch.Tensor:
 
 def partial_bce(logits: torch.Tensor, labels: torch.Tensor) -> Term:
     """Mean binary cross-entropy over known entries only (+1 -> softplus(-x), -1 -> softplus(x))."""
-    check_labels(labels, "labels")
     if logits.shape != labels.shape:
         raise ValueError(f"logits shape {tuple(logits.shape)} != labels shape {tuple(labels.shape)}")
     x = _float(logits)
@@ -102,7 +108,8 @@ def cooccurrence_asl(
     Only the target is detached (built from labels); the focusing weights keep their gradient.
     log p is evaluated as logsigmoid for stability (same value and gradient as the clamp form).
     """
-    check_labels(labels, "labels")
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be (B,C), got shape {tuple(labels.shape)}")
     B, C = labels.shape
     if pair_logits.dim() != 2 or tuple(pair_logits.shape) != (B, num_pairs(C)):
         raise ValueError(
@@ -180,7 +187,6 @@ def contrastive(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if features.dim() != 3:
         raise ValueError(f"features must be (B,C,F), got shape {tuple(features.shape)}")
-    check_labels(labels, "labels")
     if tuple(labels.shape) != tuple(features.shape[:2]):
         raise ValueError(f"labels shape {tuple(labels.shape)} != features (B,C) {tuple(features.shape[:2])}")
     f = _float(features)
@@ -224,7 +230,7 @@ class LossWeights:
             raise ValueError(f"progress must be in [0, 1], got {progress}")
         w, n = self.loss, self.loss.ramp_epochs
         ramp = min(1.0, (epoch + progress) / n) if 0 < n and epoch < n else 1.0
-        pseudo = epoch >= self.warmup_epochs
+        pseudo = pseudo_enabled(epoch, self.warmup_epochs)
         return {
             "bce": w.bce,
             "intra": w.intra_bce if pseudo else 0.0,
@@ -232,6 +238,39 @@ class LossWeights:
             "cooc": w.cooccurrence * ramp,
             "contrastive": w.contrastive * ramp,
         }
+
+
+def sst_terms(
+    logits: torch.Tensor,
+    pair_logits: torch.Tensor,
+    labels: torch.Tensor,
+    pseudo: Mapping[str, torch.Tensor] | None,
+    contrast_features: torch.Tensor,
+    contrast_labels: torch.Tensor,
+    generator: torch.Generator | None = None,
+    impl: str = "fused",
+    pair_targets: str = "reference",
+) -> dict[str, Term]:
+    """The SST terms of one batch: the one place they are assembled.
+
+    Row terms (bce, cooc, and intra/inter when ``pseudo`` holds those completed labels) come from
+    this process's rows; the contrastive term from ``contrast_features``/``contrast_labels``,
+    which are the local batch in one process and the all-gathered global batch in training.
+    ``pair_targets`` is ``loss.pair_targets``: the co-occurrence term averages over all B*P pairs
+    ("reference") or over the pairs whose target is known ("known", :func:`cooccurrence_asl`).
+    """
+    if pair_targets not in ("reference", "known"):
+        raise ValueError(f"pair_targets must be 'reference' or 'known', got {pair_targets!r}")
+    terms = {
+        "bce": partial_bce(logits, labels),
+        "cooc": cooccurrence_asl(pair_logits, labels, known_only=pair_targets == "known"),
+    }
+    for name, lab in (pseudo or {}).items():
+        if name not in ("intra", "inter"):
+            raise KeyError(f"pseudo labels must be 'intra' or 'inter', got {name!r}")
+        terms[name] = partial_bce(logits, lab)
+    terms["contrastive"] = contrastive(contrast_features, contrast_labels, generator=generator, impl=impl)
+    return terms
 
 
 def sst_loss_terms(
@@ -247,26 +286,28 @@ def sst_loss_terms(
     generator: torch.Generator | None = None,
     impl: str = "fused",
 ) -> dict[str, Term]:
-    """All SST terms for one batch; the pseudo terms only from ``cfg.warmup_epochs`` on.
+    """All SST terms for one batch in one process (validates ``labels`` once, then :func:`sst_terms`).
 
-    Returns keys bce, cooc, contrastive, plus intra and inter when epoch >= warmup (they need the
-    completed labels then; passing None there is an error). Combine with
+    Returns keys bce, cooc, contrastive, plus intra and inter when pseudo labels are on (epoch >=
+    ``cfg.warmup_epochs``; they need the completed labels then, passing None is an error).
+    ``cfg.loss.pair_targets`` applies as in training. Combine with
     ``total_loss(terms, cfg.effective(epoch, progress))``.
     """
     cfg.effective(epoch, progress)  # validates epoch/progress
-    terms = {
-        "bce": partial_bce(out_logits, labels),
-        "cooc": cooccurrence_asl(pair_logits, labels),
-        "contrastive": contrastive(features, labels, generator=generator, impl=impl),
-    }
-    if epoch >= cfg.warmup_epochs:
+    check_labels(labels, "labels")
+    pseudo = None
+    if pseudo_enabled(epoch, cfg.warmup_epochs):
+        pseudo = {}
         for name, lab in (("intra", intra_labels), ("inter", inter_labels)):
             if lab is None:
                 raise ValueError(
                     f"{name}_labels is required from epoch {cfg.warmup_epochs} on (got None at epoch {epoch})"
                 )
-            terms[name] = partial_bce(out_logits, lab)
-    return terms
+            check_labels(lab, f"{name}_labels")
+            pseudo[name] = lab
+    return sst_terms(
+        out_logits, pair_logits, labels, pseudo, features, labels, generator, impl, cfg.loss.pair_targets
+    )
 
 
 def total_loss(
@@ -279,8 +320,9 @@ def total_loss(
     ``weights`` is usually ``LossWeights.effective(epoch, progress)``; a term missing from it has
     weight 0. Zero-weight terms are still multiplied in (as the reference's ``0 * loss``) so every
     head stays in the autograd graph (no "unused parameter" surprises in data-parallel wrappers).
-    A distributed trainer passes the all-reduced global ``denominators`` (and multiplies by world
-    size if its gradient reduction averages instead of sums).
+    A distributed trainer passes the all-reduced global ``denominators`` of the terms it reduced
+    (a term not in the mapping keeps its own, e.g. the contrastive term of a gathered batch) and
+    multiplies by world size if its gradient reduction averages instead of sums.
     """
     unknown = set(terms) - set(TERMS)
     if unknown:
@@ -289,6 +331,7 @@ def total_loss(
         raise ValueError("total_loss needs at least one term")
     parts = []
     for name, term in terms.items():
-        den = term.denominator if denominators is None else denominators[name]
-        parts.append(float(weights.get(name, 0.0)) * term.numerator / den.clamp_min(1.0))
+        den = term.denominator if denominators is None else denominators.get(name, term.denominator)
+        den = den.to(device=term.numerator.device, dtype=term.numerator.dtype).clamp_min(1.0)
+        parts.append(float(weights.get(name, 0.0)) * term.numerator / den)
     return torch.stack(parts).sum()

@@ -4,6 +4,10 @@ Intra-image transfer (DESIGN §3): the pair head's probabilities Pm = sigmoid(q)
 image-specific symmetric C x C co-occurrence matrix with unit diagonal. For an unknown label c,
 s_c = sum_j Pm[c,j] [y_j = +1] / max(1, #known positives); it becomes +1 where s_c >= margin.
 Known entries (+1/-1) never change, and unknown entries only ever become +1 (never -1).
+
+Label values are checked once, where the batch is made (:func:`check_labels`, called by the
+trainer on the host copy and by :func:`sst_dist.losses.sst_loss_terms`): a value check on a device
+tensor is a host synchronisation, so the per-step functions here check shapes only.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import torch
 
 
 def check_labels(labels: torch.Tensor, name: str = "labels") -> None:
-    """Raise ValueError unless ``labels`` is a (B,C) tensor with values in {+1, 0, -1}."""
+    """Raise ValueError unless ``labels`` is a (B,C) tensor with values in {+1, 0, -1}.
+
+    Reads the values on the host: call it once per batch where the batch is made, not per term."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dim() != 2:
@@ -23,6 +29,11 @@ def check_labels(labels: torch.Tensor, name: str = "labels") -> None:
     if not bool(ok.all()):
         bad = torch.unique(labels[~ok].detach().float().cpu())[:8].tolist()
         raise ValueError(f"{name} must contain only 1, 0, -1; found other values {bad}")
+
+
+def pseudo_enabled(epoch: int, warmup_epochs: int) -> bool:
+    """The one warm-up rule: pseudo labels and their BCE terms count from ``warmup_epochs`` on."""
+    return epoch >= warmup_epochs
 
 
 def num_pairs(num_classes: int) -> int:
@@ -60,8 +71,11 @@ def intra_scores(pair_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def intra_pseudo_labels(pair_logits: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
-    """Labels with unknown entries set to +1 where s_c >= margin; same dtype/device as ``labels``."""
-    check_labels(labels, "labels")
+    """Labels with unknown entries set to +1 where s_c >= margin; same dtype/device as ``labels``.
+
+    ``labels`` must already be valid (:func:`check_labels`); only shapes are checked here."""
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be (B,C), got shape {tuple(labels.shape)}")
     s = intra_scores(pair_logits, labels)
     return torch.where((labels == 0) & (s >= margin), torch.ones_like(labels), labels)
 
@@ -102,4 +116,4 @@ class MarginSchedule:
 
     def pseudo_enabled(self, epoch: int) -> bool:
         """Pseudo labels (and their BCE terms) are used from ``warmup_epochs`` on."""
-        return epoch >= self.warmup_epochs
+        return pseudo_enabled(epoch, self.warmup_epochs)

@@ -87,18 +87,22 @@ def test_update_matches_slow_loop(B: int, C: int) -> None:
         assert torch.equal(mb.filled, filled)
 
 
-def test_update_rejects_nonfinite_and_keeps_bank() -> None:
+def test_update_ignores_nonfinite_or_disabled_batch_and_keeps_bank() -> None:
+    """Decided on the device (no exception, no host read): the bank and its counts stay as they were."""
     mb = MemoryBank(3, 2, 4)
-    mb.update(torch.randn(2, 3, 4), torch.ones(2, 3))
+    assert bool(mb.update(torch.randn(2, 3, 4), torch.ones(2, 3)))
     before = mb.bank.clone(), mb.filled.clone()
     bad = torch.randn(2, 3, 4)
     bad[1, 2, 0] = math.nan
-    with pytest.raises(ValueError, match="features.*NaN"):
-        mb.update(bad, torch.ones(2, 3))
+    assert not bool(mb.update(bad, torch.ones(2, 3)))
     bad[1, 2, 0] = math.inf
-    with pytest.raises(ValueError, match="features"):
-        mb.update(bad, torch.ones(2, 3))
+    assert not bool(mb.update(bad, torch.ones(2, 3)))
     assert torch.equal(mb.bank, before[0]) and torch.equal(mb.filled, before[1])
+    good = torch.randn(2, 3, 4)
+    assert not bool(mb.update(good, torch.ones(2, 3), enabled=torch.tensor(False)))
+    assert torch.equal(mb.bank, before[0]) and torch.equal(mb.filled, before[1])
+    assert bool(mb.update(good, torch.ones(2, 3), enabled=torch.tensor(True)))
+    assert torch.equal(mb.bank[:, 0], good[0]) and torch.equal(mb.filled, torch.full((3,), 2))
 
 
 def test_bad_shapes_and_impl() -> None:

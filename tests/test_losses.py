@@ -292,8 +292,10 @@ def test_contrastive_bad_inputs() -> None:
         contrastive(torch.randn(2, 3, 4), torch.ones(2, 3), impl="numpy")
     with pytest.raises(ValueError, match="labels shape"):
         contrastive(torch.randn(2, 3, 4), torch.ones(3, 3))
+    # label values are checked once per batch (sst_loss_terms, the trainer's prepare_batch), not per term
     with pytest.raises(ValueError, match=r"labels.*3\.0"):
-        contrastive(torch.randn(2, 3, 4), torch.full((2, 3), 3.0))
+        sst_loss_terms(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3, 4), torch.full((2, 3), 3.0),
+                       None, None, 0, 0.0, LossWeights())
 
 
 # ---------------------------------------------------------------- combiner
@@ -354,6 +356,31 @@ def test_sst_loss_terms_and_total() -> None:
         sst_loss_terms(logits, q, f, y, None, inter, 5, 1.0, cfg)
     with pytest.raises(KeyError, match="bogus"):
         total_loss({"bogus": Term(torch.ones(()), torch.ones(()))}, {})
+    with pytest.raises(ValueError, match=r"inter_labels.*2\.0"):
+        sst_loss_terms(logits, q, f, y, intra, torch.full_like(y, 2.0), 5, 1.0, cfg)
+
+
+def test_single_process_path_follows_pair_targets_and_warmup_rule() -> None:
+    """sst_loss_terms is the training path: loss.pair_targets=known changes its co-occurrence term
+    (it was ignored there once), and the warm-up rule is the one in sst_dist.pseudo."""
+    from sst_dist.pseudo import MarginSchedule, pseudo_enabled
+
+    gen = torch.Generator().manual_seed(5)
+    B, C, F = 3, 4, 5
+    logits, q, f = torch.randn(B, C, generator=gen), torch.randn(B, 6, generator=gen), torch.randn(B, C, F)
+    y = torch.tensor([[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 1.0]])
+    known = LossWeights(LossConfig(pair_targets="known"))
+    terms = sst_loss_terms(logits, q, f, y, None, None, 0, 0.5, known)
+    want = cooccurrence_asl(q, y, known_only=True)
+    assert torch.equal(terms["cooc"].numerator, want.numerator)
+    assert terms["cooc"].denominator.item() == want.denominator.item() < B * 6
+    ref = sst_loss_terms(logits, q, f, y, None, None, 0, 0.5, LossWeights())
+    assert ref["cooc"].denominator.item() == B * 6
+    for warm in (0, 2, 5):
+        w, sched = LossWeights(warmup_epochs=warm), MarginSchedule(warmup_epochs=warm)
+        for e in range(7):
+            on = pseudo_enabled(e, warm)
+            assert sched.pseudo_enabled(e) == on and (w.effective(e)["intra"] > 0) == on
 
 
 @pytest.mark.skipif(

@@ -49,26 +49,33 @@ class MemoryBank(nn.Module):
             raise ValueError(f"labels must be ({features.shape[0]},{C}), got shape {tuple(labels.shape)}")
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor, labels: torch.Tensor, impl: str = "fused") -> None:
+    def update(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        impl: str = "fused",
+        enabled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Push every known-positive f[b,c] (labels == 1) into class c's FIFO, newest first.
 
-        Raises ValueError on non-finite features and leaves the bank untouched then: one NaN
-        would otherwise poison every later similarity of that class.
+        A batch with any NaN/inf feature, or with ``enabled`` (a 0-dim bool tensor) false, leaves
+        the bank untouched: one NaN would otherwise poison every later similarity of that class.
+        The choice is made on the device (no host synchronisation); the returned 0-dim bool tensor
+        says whether the batch went in.
         """
         _check_impl(impl)
         self._check(features, labels)
-        bad = ~torch.isfinite(features)
-        if bool(bad.any()):
-            n = int(bad.sum())
-            raise ValueError(
-                f"features passed to MemoryBank.update contain {n} NaN/inf values "
-                f"(shape {tuple(features.shape)}); bank not updated"
-            )
+        ok = torch.isfinite(features).all()
+        if enabled is not None:
+            ok = ok & enabled.to(ok.device)
         backend = "triton" if impl == "triton" else "torch"
-        new = dispatch.bank_update(self.bank, features.detach(), labels, backend=backend)
-        self.bank.copy_(new)
-        n_pos = (labels == 1).sum(dim=0).to(self.filled.device)
+        zero = torch.zeros((), dtype=features.dtype, device=features.device)
+        clean = torch.where(ok, features.detach(), zero)
+        new = dispatch.bank_update(self.bank, clean, labels, backend=backend)
+        self.bank.copy_(torch.where(ok.to(new.device), new, self.bank))
+        n_pos = (labels == 1).sum(dim=0).to(self.filled.device) * ok.to(self.filled.device)
         self.filled.copy_((self.filled + n_pos).clamp_max(self.size))
+        return ok
 
     @torch.no_grad()
     def similarity_reference(self, features: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 from sst_dist.profiling.ranges import FORWARD_PHASES, PHASES, PREFIX
 
 BACKWARD_EVENT = "autograd::engine::evaluate_function"
-_FORWARD_LABELS = set(FORWARD_PHASES) | {"losses", "pseudo_labels"}
+_FORWARD_LABELS = set(FORWARD_PHASES) | {"gather", "bank_update", "pseudo_labels", "losses", "reduction"}
 
 
 def _range_name(name: str) -> str | None:

@@ -29,12 +29,24 @@ MODULE_PHASES: dict[str, str] = {
     "pairs": "pair_head",
 }
 FORWARD_PHASES = ("backbone", "decoupling", "gnn", "classifier", "pair_head")
+# DistributedSST's public stages (sst_dist.train.sst_stages.STAGES) -> phase. Every stage must be
+# here and on the object: a stage renamed or dropped fails loudly instead of going untimed.
+STAGE_PHASES: dict[str, str] = {
+    "gather": "gather",
+    "update_bank": "bank_update",
+    "pseudo_labels": "pseudo_labels",
+    "terms": "losses",
+    "reduce": "reduction",
+}
 # Phases in report order; "backward/<phase>" rows come from breakdown's forward-backward linking.
 PHASES = (
     "data",
     *FORWARD_PHASES,
+    "gather",
+    "bank_update",
     "pseudo_labels",
     "losses",
+    "reduction",
     "backward",
     "optimizer",
     "communication",
@@ -89,8 +101,9 @@ def _wrap(fn: Callable[..., Any], name: str, guard: bool = False) -> Callable[..
 class PhaseRanges:
     """Install the ranges on a model (and optionally the SST state and the engine) while active.
 
-    ``model``: the SST module (hooks on its submodules and its ``bank``); ``sst``: the trainer's
-    ``DistributedSST`` (``compute`` -> losses, ``_pseudo_stats`` -> pseudo labels); ``engine``:
+    ``model``: the SST module (hooks on its submodules; its ``bank`` when no ``sst`` is given);
+    ``sst``: the trainer's ``DistributedSST``, each public stage in :data:`STAGE_PHASES` timed
+    by name (a missing stage raises); ``engine``:
     the DeepSpeed engine (``backward``, ``step``). Collectives of ``torch.distributed`` are
     wrapped as "communication" whatever calls them (our helpers, DeepSpeed, ZeRO).
     """
@@ -103,8 +116,14 @@ class PhaseRanges:
         self._restore: list[Callable[[], None]] = []
 
     # -------------------------------------------------------------- patching helpers
-    def _patch_attr(self, obj: Any, attr: str, name: str, guard: bool = False) -> None:
+    def _patch_attr(
+        self, obj: Any, attr: str, name: str, guard: bool = False, required: bool = False
+    ) -> None:
         original = getattr(obj, attr, None)
+        if original is None and required:
+            raise AttributeError(
+                f"profiler: {type(obj).__name__} has no stage {attr!r} (expected {sorted(STAGE_PHASES)})"
+            )
         if original is None or getattr(original, "__sst_profile_wrapped__", False):
             return
         in_dict = attr in getattr(obj, "__dict__", {})
@@ -135,23 +154,25 @@ class PhaseRanges:
 
     # -------------------------------------------------------------- context manager
     def __enter__(self) -> PhaseRanges:
+        if self.sst is not None:  # checked first: nothing is installed when it fails
+            stages = tuple(getattr(self.sst, "stages", ()))
+            if set(stages) != set(STAGE_PHASES):
+                raise AttributeError(
+                    f"profiler: the SST state's stages {stages} are not the profiled ones "
+                    f"{tuple(STAGE_PHASES)}"
+                )
         for attr, name in MODULE_PHASES.items():
             sub = getattr(self.model, attr, None)
             if isinstance(sub, nn.Module):
                 self._hook_module(sub, name)
-        bank = getattr(self.model, "bank", None)
-        if bank is not None:
-            self._patch_attr(bank, "update", "pseudo_labels")
-            self._patch_attr(bank, "pseudo_labels", "pseudo_labels")
-        try:
-            import sst_dist.train.state as state_mod
-
-            self._patch_attr(state_mod, "intra_pseudo_labels", "pseudo_labels")
-        except ImportError:  # the trainer is optional for a bare-model profile
-            pass
         if self.sst is not None:
-            self._patch_attr(self.sst, "compute", "losses")
-            self._patch_attr(self.sst, "_pseudo_stats", "pseudo_labels")
+            for attr, name in STAGE_PHASES.items():
+                self._patch_attr(self.sst, attr, name, required=True)
+        else:
+            bank = getattr(self.model, "bank", None)
+            if bank is not None:
+                self._patch_attr(bank, "update", "bank_update")
+                self._patch_attr(bank, "pseudo_labels", "pseudo_labels")
         if self.engine is not None:
             self._patch_attr(self.engine, "backward", "backward")
             self._patch_attr(self.engine, "step", "optimizer")

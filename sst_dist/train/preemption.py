@@ -51,6 +51,11 @@ class PreemptionFlag:
         """Ask for a stop as a signal would (for tests and embedding code)."""
         self._set = True
 
+    @property
+    def requested(self) -> bool:
+        """This process was signalled (the trainer packs it into the step's one all-reduce)."""
+        return self._set
+
     def agreed(self, device: torch.device) -> bool:
         """True on every rank when any rank was signalled (one all-reduce of one number)."""
         flag = torch.tensor([1.0 if self._set else 0.0], device=device)

@@ -13,11 +13,14 @@ What makes N ranks x batch b train exactly like 1 rank x batch N*b:
   already global. The sum over ranks of the local gradients is then the global-batch gradient;
   the loss is multiplied by ``world_size`` because DeepSpeed averages gradients over ranks.
 - Margins and warm-up follow :class:`sst_dist.pseudo.MarginSchedule` by epoch.
+
+The step runs as the named stages of :mod:`.sst_stages` (the profiler times each by name) and
+never reads a device value on the host: a non-finite step is agreed on the device (``ok``), the
+bank ignores it and the trainer's optimizer skips it there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,25 +29,21 @@ from sst_dist import losses as L
 from sst_dist.config import RunConfig
 from sst_dist.pseudo import MarginSchedule, intra_pseudo_labels
 from sst_dist.train import distributed as D
-
-ROW_TERMS = ("bce", "intra", "inter", "cooc")
-PSEUDO_STATS = ("intra_new", "intra_correct", "inter_new", "inter_correct", "unknown_pos")
-
-
-@dataclass
-class StepResult:
-    """One micro-batch: the loss to backpropagate and global (all-rank) values for logging."""
-
-    loss: torch.Tensor
-    global_loss: float
-    terms: dict[str, float]
-    weights: dict[str, float]
-    pseudo: dict[str, float]
-    finite: bool
+from sst_dist.train.sst_stages import (  # noqa: F401  (re-exported: StepResult, PSEUDO_STATS)
+    PSEUDO_STATS,
+    ROW_TERMS,
+    STAGES,
+    Gathered,
+    StepResult,
+    gather,
+    pseudo_stats,
+)
 
 
 class DistributedSST:
     """Bank, margins, synchronized generator and the distributed SST loss for one run."""
+
+    stages = STAGES
 
     def __init__(self, cfg: RunConfig, model: torch.nn.Module) -> None:
         self.cfg, self.model = cfg, model
@@ -58,101 +57,96 @@ class DistributedSST:
         if D.world_size() > 1:  # same seed everywhere already; rank 0's state makes it certain
             self.generator.set_state(D.broadcast_object(self.generator.get_state()))
         self.margins = {"intra": p.margin_start, "inter": p.margin_start}
-        self.last_pseudo: dict[
-            str, torch.Tensor | None
-        ] = {}  # this rank's latest pseudo labels (tests, logs)
+        # this rank's latest pseudo labels (tests, logs)
+        self.last_pseudo: dict[str, torch.Tensor | None] = {}
 
     @property
     def bank(self) -> Any:
         return self.model.bank
 
+    @property
+    def impl(self) -> str:
+        return getattr(self.model, "impl", "fused")
+
     def set_epoch(self, epoch: int) -> None:
         m = self.schedule.margin(epoch)
         self.margins = {"intra": m, "inter": m}
 
+    # ------------------------------------------------------------------ the stages
+    def gather(self, out: Any, labels: torch.Tensor) -> Gathered:
+        return gather(out, labels, self.cfg.train.batch_size)
+
+    def update_bank(self, g: Gathered) -> torch.Tensor:
+        return self.bank.update(g.features.detach().float(), g.labels, impl=self.impl, enabled=g.finite)
+
+    def pseudo_labels(
+        self, out: Any, labels: torch.Tensor, full: torch.Tensor | None, epoch: int
+    ) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor]:
+        """Intra and inter completed labels (None before warm-up ends) and their counts."""
+        if not self.schedule.pseudo_enabled(epoch):
+            self.last_pseudo = {"intra": None, "inter": None}
+            return None, pseudo_stats(labels, labels, labels, None)
+        intra = intra_pseudo_labels(out.pair_logits.detach(), labels, self.margins["intra"])
+        feats = out.features.detach().float()
+        _, inter = self.bank.pseudo_labels(feats, labels, self.margins["inter"], impl=self.impl)
+        self.last_pseudo = {"intra": intra, "inter": inter}
+        return {"intra": intra, "inter": inter}, pseudo_stats(labels, intra, inter, full)
+
+    def terms(
+        self, out: Any, labels: torch.Tensor, g: Gathered, pseudo: dict[str, torch.Tensor] | None
+    ) -> dict[str, L.Term]:
+        return L.sst_terms(
+            out.logits, out.pair_logits, labels, pseudo, g.features, g.labels,
+            self.generator, self.impl, self.cfg.loss.pair_targets,
+        )
+
+    def reduce(
+        self,
+        terms: dict[str, L.Term],
+        stats: torch.Tensor,
+        finite: torch.Tensor,
+        epoch: int,
+        progress: float,
+        stop: bool = False,
+    ) -> StepResult:
+        """One all-reduce of row numerators, denominators, pseudo counts and the stop flag."""
+        rows = [k for k in ROW_TERMS if k in terms]
+        dev = terms["bce"].numerator.device
+        flag = torch.full((1,), 1.0 if stop else 0.0, dtype=torch.float64, device=dev)
+        local = torch.cat(
+            [torch.stack([terms[k].numerator.detach().double() for k in rows]),
+             torch.stack([terms[k].denominator.detach().double() for k in rows]),
+             stats.to(dev), flag]
+        )
+        red = D.all_reduce_sum(local)
+        n = len(rows)
+        nums, dens = red[:n], red[n : 2 * n]
+        weights = self.weights.effective(epoch, progress)
+        loss = L.total_loss(terms, weights, dict(zip(rows, dens))) * D.world_size()
+        contrast = terms["contrastive"].value().detach().double().reshape(1)
+        values = torch.cat([nums / dens.clamp_min(1.0), contrast])
+        names = (*rows, "contrastive")
+        total = sum((weights.get(k, 0.0) * values[i] for i, k in enumerate(names)), values.new_zeros(()))
+        ok = finite & torch.isfinite(values).all()
+        report = torch.cat([total.reshape(1), values, red[2 * n :]])
+        return StepResult(loss, ok, report, names, weights)
+
+    # ------------------------------------------------------------------ the step
     def compute(
-        self, out: Any, labels: torch.Tensor, full: torch.Tensor | None, epoch: int, progress: float
+        self,
+        out: Any,
+        labels: torch.Tensor,
+        full: torch.Tensor | None,
+        epoch: int,
+        progress: float,
+        stop: bool = False,
     ) -> StepResult:
         """Update the bank, make pseudo labels, and build this rank's share of the global loss."""
-        impl = getattr(self.model, "impl", "fused")
-        logits, pair_logits, feats = out.logits, out.pair_logits, out.features
-        finite = torch.stack([torch.isfinite(t).all() for t in (logits, pair_logits, feats)]).all()
-        bad = D.all_reduce_sum((~finite).float().reshape(1))
-        if float(bad.item()) > 0:
-            zero = logits.sum() * 0.0
-            return StepResult(zero, float("nan"), {}, {}, {}, False)
-
-        g_feats = D.all_gather_rows(feats, keep_local_grad=True)
-        g_labels = D.all_gather_rows(labels, keep_local_grad=False)
-        self.bank.update(g_feats.detach().float(), g_labels, impl=impl)
-
-        pseudo_on = self.schedule.pseudo_enabled(epoch)
-        intra_lab = inter_lab = None
-        stats = torch.zeros(len(PSEUDO_STATS), dtype=torch.float64)
-        if pseudo_on:
-            intra_lab = intra_pseudo_labels(pair_logits.detach(), labels, self.margins["intra"])
-            _, inter_lab = self.bank.pseudo_labels(
-                feats.detach().float(), labels, self.margins["inter"], impl=impl
-            )
-            if full is not None:
-                stats = self._pseudo_stats(labels, intra_lab, inter_lab, full)
-        self.last_pseudo = {"intra": intra_lab, "inter": inter_lab}
-
-        terms = {
-            "bce": L.partial_bce(logits, labels),
-            "cooc": L.cooccurrence_asl(pair_logits, labels, known_only=self.cfg.loss.pair_targets == "known"),
-        }
-        if pseudo_on:
-            terms["intra"] = L.partial_bce(logits, intra_lab)
-            terms["inter"] = L.partial_bce(logits, inter_lab)
-        contrast = L.contrastive(g_feats, g_labels, generator=self.generator, impl=impl)
-
-        rows = [k for k in ROW_TERMS if k in terms]
-        local = torch.stack(
-            [terms[k].numerator.detach().double() for k in rows]
-            + [terms[k].denominator.detach().double() for k in rows]
-        )
-        red = D.all_reduce_sum(torch.cat([local, stats.to(local.device)]))
-        nums, dens, stats = red[: len(rows)], red[len(rows) : 2 * len(rows)], red[2 * len(rows) :]
-        weights = self.weights.effective(epoch, progress)
-        world = D.world_size()
-        loss = torch.zeros((), dtype=torch.float32, device=logits.device)
-        values: dict[str, float] = {}
-        for k, num, den in zip(rows, nums, dens):
-            g_den = den.clamp_min(1.0)
-            loss = loss + weights[k] * terms[k].numerator / g_den.to(terms[k].numerator.dtype)
-            values[k] = float(num / g_den)
-        loss = loss + weights["contrastive"] * contrast.value()
-        values["contrastive"] = float(contrast.value().detach())
-        loss = loss * world
-        total = sum(weights.get(k, 0.0) * v for k, v in values.items())
-        pseudo = {k: float(v) for k, v in zip(PSEUDO_STATS, stats.tolist())}
-        ok = all(torch.isfinite(torch.tensor(v)) for v in values.values())
-        return StepResult(loss, float(total), values, weights, pseudo, bool(ok))
-
-    @staticmethod
-    @torch.no_grad()
-    def _pseudo_stats(
-        labels: torch.Tensor, intra: torch.Tensor, inter: torch.Tensor, full: torch.Tensor
-    ) -> torch.Tensor:
-        """Counts: new pseudo positives and how many are truly positive, and unknown positives."""
-        unknown = labels == 0
-        truth = full.to(labels.device) == 1
-        new_intra = unknown & (intra == 1)
-        new_inter = unknown & (inter == 1)
-        return (
-            torch.stack(
-                [
-                    new_intra.sum(),
-                    (new_intra & truth).sum(),
-                    new_inter.sum(),
-                    (new_inter & truth).sum(),
-                    (unknown & truth).sum(),
-                ]
-            )
-            .double()
-            .cpu()
-        )
+        g = self.gather(out, labels)
+        self.update_bank(g)
+        pseudo, stats = self.pseudo_labels(out, labels, full, epoch)
+        terms = self.terms(out, labels, g, pseudo)
+        return self.reduce(terms, stats, g.finite, epoch, progress, stop)
 
     def state_dict(self) -> dict[str, Any]:
         return {
