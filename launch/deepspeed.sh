@@ -148,7 +148,7 @@ if [[ -n "$hostfile" ]]; then
       fi
     done
     user_env_name=${DS_ENV_FILE:-.deepspeed_env}
-    for dir in "$HOME" "$PWD"; do
+    for dir in ${HOME:+"$HOME"} "$PWD"; do
       user_env=$user_env_name
       [[ "$user_env" == /* ]] || user_env="$dir/$user_env"
       [[ -f "$user_env" ]] || continue
