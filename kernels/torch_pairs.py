@@ -54,7 +54,9 @@ def _block(Ut, Vt, i0, i1):
 
 
 def _valid(i0, i1, C, device):
-    return torch.ones(i1 - i0, C - 1 - i0, dtype=torch.bool, device=device).triu_()
+    """(rows, cols) of the block's upper triangle, row-major: integer indices, not a boolean mask,
+    whose indexing would need a nonzero (a host synchronisation on a GPU)."""
+    return tuple(torch.triu_indices(i1 - i0, C - 1 - i0, 0, device=device))
 
 
 class _PairCooccurrence(torch.autograd.Function):

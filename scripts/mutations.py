@@ -155,10 +155,10 @@ MUTATIONS: list[Mutation] = [
         ["tests/test_zero_stages.py::test_zero_stage_checkpoint_evaluates_like_training[1]"],
     ),
     Mutation(
-        "loader-ranks-overlap", "loaders", "train plan: rank shares overlap (offset rank, not rank*per)",
+        "loader-ranks-overlap", "loaders", "train plan: rank shares overlap (every rank reads rank 0's slice)",
         "data_shards/loaders/common.py",
-        "share = order[rank * per: rank * per + count * batch_size]",
-        "share = order[rank: rank + count * batch_size]",
+        "        return list(steps[:, rank])\n",
+        "        return list(steps[:, 0])\n",
         ["tests/test_loaders.py::test_backends_same_samples_disjoint_complete[2]"],
     ),
     Mutation(
