@@ -28,9 +28,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from sst_dist.losses import LossWeights, sst_loss_terms, total_loss  # noqa: E402
+from sst_dist.config import RunConfig  # noqa: E402
 from sst_dist.model import ModelConfig, SSTModel, cooccurrence_adjacency  # noqa: E402
-from sst_dist.pseudo import intra_pseudo_labels  # noqa: E402
+from sst_dist.train.state import DistributedSST  # noqa: E402
 
 IMPLS = ("reference", "fused")
 EPOCH = 5  # first epoch with pseudo labels: every term active
@@ -51,28 +51,27 @@ def build(args: argparse.Namespace, backbone: str, freeze: str = "layer4") -> tu
     return model, labels
 
 
+_STATES: dict[int, DistributedSST] = {}
+
+
+def sst_state(model: SSTModel, batch: int) -> DistributedSST:
+    """The trainer's SST state for ``model`` (one per model): the code Trainer.train_step runs."""
+    if id(model) not in _STATES:
+        cfg = RunConfig(model.cfg)
+        cfg.train.batch_size = batch
+        sst = DistributedSST(cfg, model)
+        sst.set_epoch(EPOCH)
+        sst.margins = {"intra": MARGIN, "inter": MARGIN}
+        _STATES[id(model)] = sst
+    return _STATES[id(model)]
+
+
 def post_backbone_loss(model: SSTModel, X: torch.Tensor, labels: torch.Tensor, impl: str) -> torch.Tensor:
-    """Heads, both kinds of pseudo labels and the weighted SST loss for one batch."""
+    """Heads, then exactly what the trainer's step runs after the forward pass
+    (``DistributedSST.compute``: bank update, both kinds of pseudo labels, the one loss path)."""
     model.impl = impl
     out = model.heads(X)
-    intra = intra_pseudo_labels(out.pair_logits, labels, MARGIN)
-    model.bank.update(out.features, labels, impl=impl)
-    _, inter = model.bank.pseudo_labels(out.features, labels, MARGIN, impl=impl)
-    weights = LossWeights()
-    terms = sst_loss_terms(
-        out.logits,
-        out.pair_logits,
-        out.features,
-        labels,
-        intra,
-        inter,
-        EPOCH,
-        1.0,
-        weights,
-        generator=torch.Generator().manual_seed(1),
-        impl=impl,
-    )
-    return total_loss(terms, weights.effective(EPOCH, 1.0))
+    return sst_state(model, labels.shape[0]).compute(out, labels.float(), None, EPOCH, 1.0).loss
 
 
 def timed(fn) -> tuple[float, float]:
