@@ -1,18 +1,20 @@
-"""Accuracy study: SST vs the partial-BCE baseline on synthetic scenes, through the real trainer.
+"""Accuracy study: SST vs the partial-BCE baseline, and ablations, through the real trainer.
 
-Every run is a plain ``sst-dist train`` of the debug config with the overrides below; the only
-difference between the methods is the loss weights: the baseline sets the intra/inter pseudo-label
-BCE, co-occurrence and contrastive terms to 0 (same backbone, data, schedule and seeds). The
-protocol's partial labels (``np.random.seed(0)``-style mask at each proportion) and the loader
-order come from ``data.seed`` = 0 in every run; ``--seeds`` vary ``train.seed`` (initialisation,
-contrastive sampling). mAP is the final test evaluation; pseudo-label precision/recall per epoch
-come from each run's ``metrics.jsonl``. Results: ``docs/accuracy.md``, ``docs/accuracy.png`` and
-``benchmarks/results/accuracy-<host>-<date>.json``. Finished runs are skipped on a rerun.
+Every run is a plain ``sst-dist train`` of one run config (default launch/configs/accuracy.yaml:
+pretrained EfficientNet-Lite0, the reference BatchNorm recipe, hard synthetic scenes, the
+reference schedule's shape) with per-run overrides: the known-label proportion, ``train.seed``
+and the method's loss/pseudo-label options (METHODS). The baseline sets the intra/inter
+pseudo-label BCE, co-occurrence and contrastive weights to 0 (same trunk, data, schedule, seed).
+The protocol's partial labels (mask seed 0) and the data come from the config, so SST and the
+baseline of one seed differ only in the method, and differences are paired by seed.
 
-Default size (2000 train / 500 test scenes of 10 classes at 128 px, ResNet-18 with only layer4
-trained, 5 epochs, pseudo labels from epoch 2): about 2 CPU-minutes per run, 30 runs.
+Runs finished earlier (``study-done.json`` in the run folder) are not rerun, and the report
+(docs/accuracy.md between its study markers, docs/accuracy.png and the results JSON) is drawn
+from every finished run in ``--work``, so the study can run in passes:
 
-    .venv/bin/python benchmarks/accuracy.py [--seeds 0] [--proportions 10 50 90] [--jobs 2]
+    .venv/bin/python benchmarks/accuracy.py --seeds 0                       # all proportions
+    .venv/bin/python benchmarks/accuracy.py --seeds 0 --proportions 10 --methods nointer noaux
+    .venv/bin/python benchmarks/accuracy.py --report-only
 """
 
 from __future__ import annotations
@@ -35,9 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_report import PSEUDO_KEYS, write_outputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_CONFIG = ROOT / "launch" / "configs" / "debug.yaml"
-METHODS = ("sst", "baseline")
+BASE_CONFIG = ROOT / "launch" / "configs" / "accuracy.yaml"
 TRANSFER_OFF = ["loss.intra_bce=0", "loss.inter_bce=0", "loss.cooccurrence=0", "loss.contrastive=0"]
+# method -> the overrides that make it (on top of the run config)
+METHODS: dict[str, list[str]] = {
+    "sst": [],
+    "baseline": TRANSFER_OFF,
+    "nointer": ["loss.inter_bce=0"],  # no cross-image pseudo-label BCE
+    "noaux": ["loss.cooccurrence=0", "loss.contrastive=0"],  # no co-occurrence / contrastive terms
+    "knownpairs": ["loss.pair_targets=known"],  # pair targets only where both labels are known
+}
 
 
 def run_name(method: str, proportion: int, seed: int) -> str:
@@ -45,50 +54,19 @@ def run_name(method: str, proportion: int, seed: int) -> str:
 
 
 def overrides(a: argparse.Namespace, method: str, proportion: int, seed: int, work: Path) -> list[str]:
-    """The full override list of one run (what makes it differ from the debug config)."""
-    C = a.classes
-    o = [
-        f"model.num_classes={C}",
-        "model.backbone=resnet18",
-        "model.pretrained=null",
-        "model.freeze=layer4",
-        "model.feature_dim=128",
-        "model.inter_dim=64",
-        "model.out_dim=128",
-        "model.embed_dim=32",
-        "model.time_steps=3",
-        "model.bank_size=32",
-        "model.impl=fused",
+    """The full override list of one run (what makes it differ from the run config)."""
+    return [
         f"data.root={work / 'data'}",
         f"data.proportion={proportion / 100}",
-        "data.seed=0",
-        f"data.image_size={a.image_size}",
-        "data.backend=torch",
-        "data.num_workers=0",
-        "data.synthetic.enabled=true",
-        f"data.synthetic.num_train={a.num_train}",
-        f"data.synthetic.num_test={a.num_test}",
-        f"data.synthetic.num_classes={C}",
-        f"data.synthetic.image_size={a.image_size}",
-        "data.synthetic.seed=0",
-        f"train.epochs={a.epochs}",
-        f"train.batch_size={a.batch_size}",
-        f"train.lr={a.lr}",
-        f"train.lr_step_epochs={max(1, a.epochs - 1)}",
-        "train.lr_gamma=0.1",
         f"train.seed={seed}",
-        f"train.eval_every={a.epochs}",
-        "train.log_every=20",
         "train.progress=false",
-        f"pseudo.warmup_epochs={a.warmup_epochs}",
-        f"pseudo.margin_step={a.margin_step}",
-        "loss.ramp_epochs=1",
         f"output.root={work / 'runs'}",
         f"output.name={run_name(method, proportion, seed)}",
         "output.tensorboard=false",
         "output.keep_checkpoints=1",
+        *a.set,
+        *METHODS[method],
     ]
-    return o + (TRANSFER_OFF if method == "baseline" else [])
 
 
 def _env(threads: int) -> dict[str, str]:
@@ -122,14 +100,14 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
 
 def train_one(a: argparse.Namespace, method: str, proportion: int, seed: int, work: Path) -> dict[str, Any]:
+    """Train and evaluate one run (unless finished); its result dict, also kept as study-done.json."""
     name = run_name(method, proportion, seed)
     run_dir = work / "runs" / name
     done = run_dir / "study-done.json"
     if done.is_file() and not a.fresh:
         return json.loads(done.read_text())
     if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+        shutil.rmtree(run_dir)  # an unfinished run of this study's own work folder
     cmd = [
         sys.executable,
         "-m",
@@ -139,6 +117,7 @@ def train_one(a: argparse.Namespace, method: str, proportion: int, seed: int, wo
         *overrides(a, method, proportion, seed, work),
     ]
     t0 = time.perf_counter()
+    print(f"[accuracy] {name}: started {dt.datetime.now(dt.UTC):%H:%M:%S} UTC", flush=True)
     with open(work / "runs" / f"{name}.log", "w") as log:
         rc = subprocess.run(
             cmd, cwd=ROOT, env=_env(a.threads_per_job), stdout=log, stderr=subprocess.STDOUT
@@ -147,7 +126,14 @@ def train_one(a: argparse.Namespace, method: str, proportion: int, seed: int, wo
     if rc != 0:
         tail = "\n".join((work / "runs" / f"{name}.log").read_text().splitlines()[-30:])
         raise RuntimeError(f"run {name} failed (rc {rc}); log {work / 'runs' / (name + '.log')}:\n{tail}")
-    res = {"method": method, "proportion": proportion, "seed": seed, "seconds": wall, **read_run(run_dir)}
+    res = {
+        "method": method,
+        "proportion": proportion,
+        "seed": seed,
+        "seconds": wall,
+        "overrides": METHODS[method] + list(a.set),
+        **read_run(run_dir),
+    }
     if not a.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     done.write_text(json.dumps(res, indent=1))
@@ -155,38 +141,60 @@ def train_one(a: argparse.Namespace, method: str, proportion: int, seed: int, wo
     return res
 
 
-def prepare_data(a: argparse.Namespace, work: Path) -> None:
-    """Generate and shard the scenes once, before the parallel runs start."""
+def prepare_data(a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Generate and shard the scenes once, before the parallel runs start; the resolved settings."""
     sys.path.insert(0, str(ROOT))
     from sst_dist.config import load_config
     from sst_dist.train.data import ensure_synthetic
 
-    cfg = load_config(a.config, overrides(a, "sst", a.proportions[0], a.seeds[0], work))
+    cfg = load_config(a.config, overrides(a, "sst", 10, 0, work))
     t0 = time.perf_counter()
     ensure_synthetic(cfg)
     print(f"[accuracy] data ready in {work / 'data'} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.pseudo
+    return {
+        "backbone": m.backbone,
+        "pretrained": m.pretrained,
+        "freeze": m.freeze,
+        "trunk_bn": m.trunk_bn,
+        "num_classes": m.num_classes,
+        "num_train": d.synthetic.num_train,
+        "num_test": d.synthetic.num_test,
+        "difficulty": d.synthetic.difficulty,
+        "image_size": d.image_size,
+        "epochs": t.epochs,
+        "batch_size": t.batch_size,
+        "lr": t.lr,
+        "lr_step_epochs": t.lr_step_epochs,
+        "lr_gamma": t.lr_gamma,
+        "warmup_epochs": p.warmup_epochs,
+        "margin_start": p.margin_start,
+        "margin_step": p.margin_step,
+        "margin_min": p.margin_min,
+        "config": str(Path(a.config).resolve().relative_to(ROOT))
+        if Path(a.config).resolve().is_relative_to(ROOT)
+        else str(a.config),
+        "set": list(a.set),
+    }
 
 
-# ------------------------------------------------------------------ outputs
+def finished_runs(work: Path) -> list[dict[str, Any]]:
+    """Every finished run of the work folder (all passes), in name order."""
+    return [json.loads(p.read_text()) for p in sorted((work / "runs").glob("*/study-done.json"))]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--proportions", type=int, nargs="+", default=[10, 30, 50, 70, 90], help="known-label %%")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--warmup-epochs", type=int, default=2, help="pseudo labels from this epoch (E0)")
+    p.add_argument("--methods", nargs="+", default=["sst", "baseline"], choices=list(METHODS))
     p.add_argument(
-        "--margin-step",
-        type=float,
-        default=0.1,
-        help="margin decrease per epoch after warm-up (DESIGN: 0.025 over 20 epochs; scaled to 5)",
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra overrides for every run (recorded in the results)",
     )
-    p.add_argument("--num-train", type=int, default=2000)
-    p.add_argument("--num-test", type=int, default=500)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--image-size", type=int, default=128, help=">= 128 keeps a 2x2 feature map (S=4)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel")
     p.add_argument("--threads-per-job", type=int, default=1)
     p.add_argument("--config", default=str(BASE_CONFIG))
@@ -197,34 +205,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--fresh", action="store_true", help="redo runs that already finished")
     p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="only redraw the report from finished runs")
     a = p.parse_args(argv)
     if any(not 0 < x <= 100 for x in a.proportions):
         p.error(f"--proportions are percentages in (0, 100], got {a.proportions}")
-    if a.num_train < 1 or a.epochs < 1 or a.jobs < 1 or not 0 <= a.warmup_epochs:
-        p.error("--num-train, --epochs, --jobs must be >= 1 and --warmup-epochs >= 0")
+    if a.jobs < 1 or a.threads_per_job < 1:
+        p.error("--jobs and --threads-per-job must be >= 1")
+    if not Path(a.config).is_file():
+        p.error(f"--config {a.config}: no such file")
+    bad = [s for s in a.set if "=" not in s]
+    if bad:
+        p.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
     work = Path(a.work)
     (work / "runs").mkdir(parents=True, exist_ok=True)
-    prepare_data(a, work)
-    jobs = [(m, q, s) for s in a.seeds for q in a.proportions for m in a.methods]
+    settings = prepare_data(a, work)
+    errors: list[str] = []
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        futures = [pool.submit(train_one, a, m, q, s, work) for m, q, s in jobs]
-        results, errors = [], []
-        for f in futures:
-            try:
-                results.append(f.result())
-            except RuntimeError as e:
-                errors.append(str(e))
-                print(f"[accuracy] {e}", file=sys.stderr, flush=True)
-    settings = {k: v for k, v in vars(a).items() if k not in ("fresh",)}
+    if not a.report_only:
+        jobs = [(m, q, s) for s in a.seeds for q in a.proportions for m in a.methods]
+        with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+            futures = [pool.submit(train_one, a, m, q, s, work) for m, q, s in jobs]
+            for f in futures:
+                try:
+                    f.result()
+                except RuntimeError as e:
+                    errors.append(str(e))
+                    print(f"[accuracy] {e}", file=sys.stderr, flush=True)
+    results = finished_runs(work)
     meta = {
         "host": platform.node(),
         "date": dt.datetime.now(dt.UTC).isoformat(),
         "cpu_count": os.cpu_count(),
-        "wall_minutes": (time.perf_counter() - t0) / 60,
+        "wall_minutes_this_pass": (time.perf_counter() - t0) / 60,
+        "run_minutes_total": sum(r.get("seconds", 0.0) for r in results) / 60,
         "settings": settings,
-        "run_overrides_example": overrides(a, "sst", a.proportions[0], a.seeds[0], work),
-        "baseline_extra_overrides": TRANSFER_OFF,
+        "methods": {m: METHODS[m] for m in sorted({r["method"] for r in results})},
         "errors": errors,
     }
     out_json = (
@@ -234,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             ROOT / "benchmarks" / "results" / f"accuracy-{platform.node()}-{dt.date.today().isoformat()}.json"
         )
     )
-    summary = write_outputs(results, meta, Path(a.docs), out_json)
-    print(summary)
+    print(write_outputs(results, meta, Path(a.docs), out_json))
     return 1 if errors else 0
 
 
