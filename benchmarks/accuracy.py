@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -106,6 +107,8 @@ def train_one(a: argparse.Namespace, method: str, proportion: int, seed: int, wo
     done = run_dir / "study-done.json"
     if done.is_file() and not a.fresh:
         return json.loads(done.read_text())
+    if a.stop_launching_at and dt.datetime.now(dt.UTC).strftime("%H:%M") >= a.stop_launching_at:
+        raise RuntimeError(f"run {name} not started: past --stop-launching-at {a.stop_launching_at} UTC")
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished run of this study's own work folder
     cmd = [
@@ -206,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="redo runs that already finished")
     p.add_argument("--keep-checkpoints", action="store_true")
     p.add_argument("--report-only", action="store_true", help="only redraw the report from finished runs")
+    p.add_argument(
+        "--stop-launching-at",
+        default="",
+        metavar="HH:MM",
+        help="start no run after this UTC time (a time budget); later runs are reported as not run",
+    )
     a = p.parse_args(argv)
     if any(not 0 < x <= 100 for x in a.proportions):
         p.error(f"--proportions are percentages in (0, 100], got {a.proportions}")
@@ -213,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--jobs and --threads-per-job must be >= 1")
     if not Path(a.config).is_file():
         p.error(f"--config {a.config}: no such file")
+    if a.stop_launching_at and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", a.stop_launching_at):
+        p.error(f"--stop-launching-at takes HH:MM (UTC), got {a.stop_launching_at!r}")
     bad = [s for s in a.set if "=" not in s]
     if bad:
         p.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
