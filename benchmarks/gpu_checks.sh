@@ -6,12 +6,18 @@
 #   3. kernels/bench.py: each Triton kernel vs the fused torch form vs the reference;
 #   4. benchmarks/gpu_step.py: the full training step, impl reference vs fused vs triton (bf16);
 #   5. `sst-dist profile` at the COCO shape (ResNet-101, 448 px, B=32) under bf16, bf16-autocast
-#      and fp32 (steps profile, profile-autocast, profile-fp32).
+#      and fp32 (steps profile, profile-autocast, profile-fp32);
+#   6. sync-check: benchmarks/gpu_sync_check.py, training steps under
+#      torch.cuda.set_sync_debug_mode("error") (issue 12: no host sync outside logging steps);
+#   7. gpu-step-base: the same gpu_step.py run on the code before issue 12 (build/base-src.tgz,
+#      `git archive f61a274 | gzip > build/base-src.tgz`, carried), beside step 4 in this call;
+#   8. dali-decode: benchmarks/loader.py, DALI mixed decoding vs torchvision nvJPEG at 448 from
+#      640x480 JPEGs, once scripts/device_wheel.sh has installed DALI into $DALI_SITE.
 # Each step has its own time limit, and a failing step does not stop the next.
 # Results go to $GPU_RESULTS (default /tmp/sst-gpu) and are packed into
 # ${OUT:-benchmarks/results}/gpu-results.tgz (checkpoints left out); the summary is printed last.
 # Packages the image lacks (deepspeed, webdataset, pycocotools, ...) travel as wheels in .whl/
-# (see docs/performance.md, "GPU checks"); DALI's wheel is too large to travel.
+# (see docs/performance.md, "GPU checks"); DALI's wheel travels in pieces (scripts/device_wheel.sh).
 # Usage: bash benchmarks/gpu_checks.sh [STEP ...]   (default: all; PYTHON=... picks the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +50,7 @@ card=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '
 day=$(date +%F)
 
 want() { [[ " $STEPS " == *" $1 "* ]]; }
-STEPS=${*:-gpu-tests gpu-train kernels gpu-step profile profile-autocast profile-fp32}
+STEPS=${*:-gpu-tests gpu-train kernels gpu-step gpu-step-base sync-check profile profile-autocast profile-fp32}
 # the COCO shape on synthetic 80-class scenes (generated once into $SST_DATA_ROOT)
 PROFILE=(launch/configs/coco2014.yaml model.pretrained=null data.synthetic.enabled=true
   data.synthetic.num_classes=80 data.synthetic.image_size=448 data.synthetic.num_train=320
@@ -58,6 +64,16 @@ want gpu-train && step gpu-train 110 bash -c "launch/deepspeed.sh --num-gpus 1 l
 want kernels && step kernels 150 "$PY" -m kernels.bench --no-compile --iters 10 --out "$RES"
 want gpu-step && step gpu-step 100 "$PY" benchmarks/gpu_step.py --batch 16 --repeats 8 \
   --out "$RES/gpu-step-$card-$day.json"
+want sync-check && step sync-check 90 "$PY" benchmarks/gpu_sync_check.py --steps 6
+if want gpu-step-base; then  # the code before issue 12, same script and arguments, same call
+  rm -rf /tmp/base && mkdir -p /tmp/base && tar xzf build/base-src.tgz -C /tmp/base \
+    && step gpu-step-base 100 env PYTHONPATH=/tmp/base${PYTHONPATH#$PWD} bash -c "cd /tmp/base && \
+      $PY benchmarks/gpu_step.py --batch 16 --repeats 8 --out $RES/gpu-step-base-$card-$day.json" \
+    || result[gpu-step-base]="rc=2 (no build/base-src.tgz carried)"
+fi
+DALI_SITE=${DALI_SITE:-/tmp/site-dali}
+want dali-decode && step dali-decode 150 env PYTHONPATH=$DALI_SITE:$PYTHONPATH \
+  "$PY" benchmarks/loader.py --images 200 --workers 4 --batch-size 32 --repeats 2 --out "$RES"
 # the same step under the three precision recipes, side by side
 for variant in profile:bf16 profile-autocast:bf16-autocast profile-fp32:fp32; do
   name=${variant%%:*}
