@@ -155,7 +155,7 @@ MUTATIONS: list[Mutation] = [
         ["tests/test_zero_stages.py::test_zero_stage_checkpoint_evaluates_like_training[1]"],
     ),
     Mutation(
-        "loader-ranks-overlap", "loaders", "train plan: rank shares overlap (every rank reads rank 0's slice)",
+        "loader-ranks-overlap", "loaders", "train plan: rank shares overlap (all read rank 0's slice)",
         "data_shards/loaders/common.py",
         "        return list(steps[:, rank])\n",
         "        return list(steps[:, 0])\n",

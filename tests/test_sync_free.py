@@ -21,7 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sst_dist.config import load_config
 
-DEBUG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "configs", "debug.yaml")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEBUG = os.path.join(ROOT, "launch", "configs", "debug.yaml")
 DATA_DEPENDENT = ("nonzero", "masked_select", "unique", "_local_scalar_dense")
 HOST_READS = {"tolist", "item", "__bool__", "__float__", "__int__", "__index__", "numpy"}
 
@@ -47,7 +48,8 @@ class SyncCounter(TorchDispatchMode):
     def note(self, what: str) -> None:
         stack = traceback.extract_stack()[:-2]
         if not _allowed(stack):
-            here = [f"{os.path.basename(f.filename)}:{f.lineno}" for f in stack if "site-packages" not in f.filename]
+            here = [f"{os.path.basename(f.filename)}:{f.lineno}" for f in stack
+                    if "site-packages" not in f.filename]
             self.calls[(what, " < ".join(here[-3:]))] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
@@ -82,7 +84,8 @@ def trainer(tmp_path_factory):
 
     os.environ["DS_ACCELERATOR"] = "cpu"
     tmp = tmp_path_factory.mktemp("syncfree")
-    cfg = load_config(DEBUG, [f"output.root={tmp / 'runs'}", f"data.root={tmp / 'data'}", "train.clip_grad=1.0"])
+    over = [f"output.root={tmp / 'runs'}", f"data.root={tmp / 'data'}", "train.clip_grad=1.0"]
+    cfg = load_config(DEBUG, over)
     tr = Trainer(cfg)
     yield tr
     tr.release()
