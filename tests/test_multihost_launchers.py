@@ -130,8 +130,9 @@ def _listening(pid: str) -> list[tuple[str, int]]:
 
 def test_deepspeed_hostfile_pdsh_ssh_two_hosts(hosts, workdir):
     """launch/deepspeed.sh on node0 only: the DeepSpeed runner checks ssh, asks node0 for its
-    address (ssh node0 hostname -I) and pdsh starts each host's ranks over ssh. The user's
-    ./.deepspeed_env (SST_LOG_RANK=all) must reach the remote ranks too."""
+    address (ssh node0 hostname -I) and pdsh starts each host's ranks over ssh. SST_LOG_RANK=all
+    must reach node1's ranks: from the user's ./.deepspeed_env in leg 1, from the launching
+    shell's environment in leg 2."""
     tmp, ref = workdir
     (line,) = readme_commands("launch/deepspeed.sh")
     cwd = tmp / "ds-cwd"  # the README's relative paths: ./hostfile and ./launch/...
@@ -141,6 +142,9 @@ def test_deepspeed_hostfile_pdsh_ssh_two_hosts(hosts, workdir):
     (cwd / ".deepspeed_env").write_text("SST_LOG_RANK=all\n")
     env = launch_env(tmp)
     for leg, extra in ((1, []), (2, ["--resume"])):
+        if leg == 2:
+            (cwd / ".deepspeed_env").unlink()
+            env["SST_LOG_RANK"] = "all"
         cmd = ["bash", "-c", f"{line} \"$@\"", "readme", *overrides(tmp, "ds", PER_RANK_BATCH, leg),
                "deepspeed.dump_state=false", *extra]
         log = tmp / f"deepspeed-leg{leg}.log"
@@ -153,11 +157,11 @@ def test_deepspeed_hostfile_pdsh_ssh_two_hosts(hosts, workdir):
             stop_all([proc])
         assert "--hostfile hostfile --launcher pdsh" in out, out[:2000]
         assert "node0: " in out and "node1: " in out, "pdsh prefixes each host's output with its name"
+        assert re.search(r"node1: .*\[rank 3\]", out), f"leg {leg}: SST_LOG_RANK=all did not reach node1"
     run = tmp / "runs" / "ds"
     check_run_outputs(run, world_size=4)
     log = (run / "train.log").read_text()
     assert "4 rank(s) via deepspeed" in log, log[:2000]
-    assert "[rank 3]" in out, "SST_LOG_RANK=all from ./.deepspeed_env did not reach node1's ranks"
     ds_config = json.loads((run / "ds_config.json").read_text())
     assert ds_config["dump_state"] is False and ds_config["train_batch_size"] == 4 * PER_RANK_BATCH
     resumed_from(run)
