@@ -64,12 +64,12 @@ def assert_same_training(run_dir: Path, ref_dir: Path) -> None:
     assert a.keys() == b.keys()
     worst = max(((k, (a[k] - b[k]).abs().max().item()) for k in a if a[k].numel()), key=lambda kv: kv[1])
     assert worst[1] <= TOL, f"{run_dir.name}: {worst[0]} differs from the 1-rank run by {worst[1]:.2e}"
-    moved = max((a[k] - s).abs().max().item() for k, s in final_state_initial(ref_dir).items() if k in a)
+    moved = max((a[k] - s).abs().max().item() for k, s in epoch1_state(ref_dir).items() if k in a)
     assert moved > 100 * TOL, "training did not move the weights: the comparison would prove nothing"
 
 
-def final_state_initial(ref_dir: Path) -> dict[str, torch.Tensor]:
-    """The reference's epoch-1 checkpoint state (to show the weights moved between checkpoints)."""
+def epoch1_state(ref_dir: Path) -> dict[str, torch.Tensor]:
+    """The reference's state after epoch 1 (the final state must have moved away from it)."""
     from sst_dist.train.inference import load_for_inference
 
     ckpts = sorted((ref_dir / "checkpoints").glob("epoch_0001*"))
