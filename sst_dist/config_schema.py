@@ -112,6 +112,10 @@ class PseudoConfig:
     margin_start: float = 0.95
     margin_step: float = 0.025
     margin_min: float = 0.75
+    # cross-image pseudo labels: "margin" (the paper) compares the bank similarity with the margin;
+    # "calibrated" with per-class thresholds, the margin-quantile of the bank's own similarities
+    # (sst_dist.pseudo.bank_thresholds; see docs/accuracy.md)
+    inter_threshold: Literal["margin", "calibrated"] = "margin"
 
     def validate(self, prefix: str) -> None:
         _check(self.warmup_epochs >= 0, f"{prefix}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")

@@ -117,3 +117,34 @@ class MarginSchedule:
     def pseudo_enabled(self, epoch: int) -> bool:
         """Pseudo labels (and their BCE terms) are used from ``warmup_epochs`` on."""
         return pseudo_enabled(epoch, self.warmup_epochs)
+
+
+@torch.no_grad()
+def bank_thresholds(bank: torch.Tensor, filled: torch.Tensor, level: float) -> torch.Tensor:
+    """Per-class cross-image thresholds (C,) calibrated on the memory bank (option
+    ``pseudo.inter_threshold=calibrated``; the paper's fixed margin stays the default).
+
+    Each filled entry of class c is scored like a query: the sum of its cosines to the class's
+    other slots divided by K (empty slots count 0, as in the bank similarity). The threshold is
+    the ``level`` quantile of those scores (``level`` = the scheduled margin), so "more similar
+    than 95 % of the known positives" replaces "cosine >= 0.95". Why: the cosine scale depends on
+    the trunk and the class; with a pretrained trunk true positives score 0.2-0.5, below every
+    fixed margin (docs/accuracy.md). Classes with fewer than 2 entries get +inf (no labels).
+    Device-only (no host read), identical on every rank (the bank is).
+    """
+    C, K, _ = bank.shape
+    m = torch.nn.functional.normalize(bank.float(), dim=-1)  # empty (zero) slots stay zero
+    cos = m @ m.transpose(1, 2)  # (C,K,K)
+    own = (cos.sum(-1) - cos.diagonal(dim1=1, dim2=2)) / K
+    n = filled.to(bank.device)
+    valid = torch.arange(K, device=bank.device)[None, :] < n[:, None]  # the FIFO fills slots [0, filled)
+    own = torch.where(valid, own, torch.full_like(own, float("nan")))
+    t = torch.nanquantile(own, level, dim=1)
+    return torch.where(n >= 2, t, torch.full_like(t, float("inf")))
+
+
+@torch.no_grad()
+def threshold_labels(sim: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Unknown entries whose similarity reaches their class's threshold become +1 (others unchanged)."""
+    lift = (labels == 0) & (sim >= thresholds.to(sim.device)[None, :])
+    return torch.where(lift, torch.ones_like(labels), labels)

@@ -27,7 +27,7 @@ import torch
 
 from sst_dist import losses as L
 from sst_dist.config import RunConfig
-from sst_dist.pseudo import MarginSchedule, intra_pseudo_labels
+from sst_dist.pseudo import MarginSchedule, bank_thresholds, intra_pseudo_labels, threshold_labels
 from sst_dist.train import distributed as D
 from sst_dist.train.sst_stages import (  # noqa: F401  (re-exported: StepResult, PSEUDO_STATS)
     PSEUDO_STATS,
@@ -88,7 +88,12 @@ class DistributedSST:
             return None, pseudo_stats(labels, labels, labels, None)
         intra = intra_pseudo_labels(out.pair_logits.detach(), labels, self.margins["intra"])
         feats = out.features.detach().float()
-        _, inter = self.bank.pseudo_labels(feats, labels, self.margins["inter"], impl=self.impl)
+        if self.cfg.pseudo.inter_threshold == "calibrated":  # option: per-class thresholds from the bank
+            sim, _ = self.bank.pseudo_labels(feats, labels, 2.0, impl=self.impl)  # cosines < 2: sim only
+            t = bank_thresholds(self.bank.bank, self.bank.filled, self.margins["inter"])
+            inter = threshold_labels(sim, labels, t)
+        else:
+            _, inter = self.bank.pseudo_labels(feats, labels, self.margins["inter"], impl=self.impl)
         self.last_pseudo = {"intra": intra, "inter": inter}
         return {"intra": intra, "inter": inter}, pseudo_stats(labels, intra, inter, full)
 
