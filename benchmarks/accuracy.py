@@ -47,6 +47,8 @@ METHODS: dict[str, list[str]] = {
     "nointer": ["loss.inter_bce=0"],  # no cross-image pseudo-label BCE
     "noaux": ["loss.cooccurrence=0", "loss.contrastive=0"],  # no co-occurrence / contrastive terms
     "knownpairs": ["loss.pair_targets=known"],  # pair targets only where both labels are known
+    # beyond the paper: per-class bank thresholds instead of the fixed margin (sst_dist.pseudo)
+    "calibrated": ["pseudo.inter_threshold=calibrated"],
 }
 
 

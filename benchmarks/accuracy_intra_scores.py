@@ -1,4 +1,8 @@
-"""Why intra-image pseudo labels never fire: the scores s_c of a trained SST model's pair head.
+"""Why pseudo labels do (not) fire: the scores a trained SST model gives the unknown labels.
+
+Intra-image: the pair head's s_c. Cross-image: the memory bank's similarity sim[b,c] (mean
+cosine of the class feature to the bank's entries of class c), over every unknown entry. Each
+is compared with the margins: a source fires only where its score reaches the margin.
 
 For every unknown (image, class) of the training split whose image has at least one known
 positive (the only entries s_c can lift), compares s_c of the truly positive entries with
@@ -48,24 +52,36 @@ def collect(run_dir: str, max_batches: int = 0) -> dict:
     loader = build_loader(d.root, d.train_split, train=False, batch_size=64, image_size=d.image_size,
                           proportion=d.proportion, seed=d.seed, num_workers=0, backend="torch",
                           num_classes=cfg.model.num_classes)
-    pos, neg = [], []
+    pos, neg, ipos, ineg = [], [], [], []
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
-        s = intra_scores(model(batch.images).pair_logits, batch.partial)
+        out = model(batch.images)
+        s = intra_scores(out.pair_logits, batch.partial)
         lift = (batch.partial == 0) & ((batch.partial == 1).sum(1, keepdim=True) > 0)
         pos.append(s[lift & (batch.full == 1)].numpy())
         neg.append(s[lift & (batch.full != 1)].numpy())
-    p, n = np.concatenate(pos), np.concatenate(neg)
-    q = [0.5, 0.9, 0.99]
+        sim = model.bank.similarity_reference(out.features)
+        unknown = batch.partial == 0
+        ipos.append(sim[unknown & (batch.full == 1)].numpy())
+        ineg.append(sim[unknown & (batch.full != 1)].numpy())
     return {
         "run": str(run_dir),
         "proportion": d.proportion,
+        **describe(np.concatenate(pos), np.concatenate(neg)),
+        "inter": describe(np.concatenate(ipos), np.concatenate(ineg)),
+    }
+
+
+def describe(p: np.ndarray, n: np.ndarray) -> dict:
+    """Quantiles of the scores of unknown true positives (p) and negatives (n), their maximum and AUC."""
+    q = [0.5, 0.9, 0.99]
+    return {
         "unknown_true_positives": int(len(p)),
         "unknown_true_negatives": int(len(n)),
         "positive_quantiles": dict(zip(map(str, q), np.quantile(p, q).round(4).tolist())) if len(p) else {},
         "negative_quantiles": dict(zip(map(str, q), np.quantile(n, q).round(4).tolist())) if len(n) else {},
-        "max_score": float(max(p.max(initial=0), n.max(initial=0))),
+        "max_score": float(max(p.max(initial=-1.0), n.max(initial=-1.0))),
         "auc": auc(p, n),
     }
 

@@ -71,22 +71,33 @@ step() { printf '\n==> %s\n' "$*"; }
 
 # 1. synthetic scenes -> shards, sized by the config (and the user's overrides).
 step "1/4 synthetic scenes -> shards in $data_dir"
-read -r n_classes n_train n_test img seed < <("$PYTHON" - "$config" "${run_overrides[@]}" <<'PY'
+read -r n_classes n_train n_test img seed difficulty < <("$PYTHON" - "$config" "${run_overrides[@]}" <<'PY'
 import sys
 from sst_dist.config import load_config
 cfg = load_config(sys.argv[1], sys.argv[2:])
 s = cfg.data.synthetic
-print(cfg.model.num_classes, s.num_train, s.num_test, s.image_size, s.seed)
+print(cfg.model.num_classes, s.num_train, s.num_test, s.image_size, s.seed, s.difficulty)
 PY
 )
 if [[ $fresh -eq 1 ]]; then
   rm -rf "$data_dir" "$run_dir"
 fi
 if compgen -G "$data_dir/*-train-_info.json" >/dev/null && compgen -G "$data_dir/*-test-_info.json" >/dev/null; then
+  # shards made with other settings (an older demo's easy scenes) are refused, not reused
+  "$PYTHON" - "$data_dir" "$n_train" "$n_test" "$n_classes" "$img" "$seed" "$difficulty" <<'PY'
+import sys
+from data_shards.synthetic import check_params, generation_params
+root, *v = sys.argv[1:]
+try:
+    check_params(root, generation_params(*map(int, v[:5]), min(4, int(v[2])), v[5]))
+except ValueError as e:
+    print(f"demo.sh: {e}; or use --fresh", file=sys.stderr)
+    sys.exit(2)
+PY
   echo "shards already in $data_dir (use --fresh to regenerate)"
 else
-  sst shards synthetic --out "$data_dir" --n-train "$n_train" --n-test "$n_test" \
-    --num-classes "$n_classes" --image-size "$img" --seed "$seed" --no-progress --overwrite
+  sst shards synthetic --out "$data_dir" --n-train "$n_train" --n-test "$n_test" --num-classes "$n_classes" \
+    --image-size "$img" --seed "$seed" --difficulty "$difficulty" --no-progress --overwrite
 fi
 
 # 2. training: 2 CPU ranks under the deepspeed launcher.
@@ -116,6 +127,8 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 from sst_dist.metrics import format_table
 
 run = Path(sys.argv[1])
@@ -126,6 +139,18 @@ if epochs:
     print("training loss by epoch: " + ", ".join(f"{r['epoch']}: {r['loss']:.4f}" for r in epochs))
 if evals:
     print("test mAP after each evaluation: " + ", ".join(f"{100 * r['mAP']:.2f}" for r in evals))
+if epochs:  # SST's pseudo labels: what each source added, checked against the hidden full labels
+    print("\npseudo labels per epoch: new positives for unknown labels (precision vs the hidden full labels)")
+    print(f"{'epoch':>5} {'margin':>6}  {'intra-image':>20}  {'cross-image (bank)':>20}")
+    warmup = yaml.safe_load((run / "config.yaml").read_text())["pseudo"]["warmup_epochs"]
+    for r in epochs:
+        cells = [f"{r.get(k + '_count', 0):6.0f} ({100 * r[k + '_precision']:5.1f}% right)"
+                 if r.get(k + "_count") else f"{'0':>6} {'':13}" for k in ("intra", "inter")]
+        if r["epoch"] < warmup:
+            cells = ["warm-up", "(no pseudo labels)"]
+        print(f"{r['epoch']:>5} {r.get('margin_intra', float('nan')):6.3f}  {cells[0]:>20}  {cells[1]:>20}")
+    if not any(r.get("intra_count") or r.get("inter_count") for r in epochs):
+        print("no score reached its margin, so SST added no pseudo label (why: docs/accuracy.md)")
 final = [json.loads(line) for line in (run / "eval.log").read_text().splitlines() if line.startswith("{")]
 if final:
     print(f"\nmetrics of {final[-1]['checkpoint']} on the test split, in percent:")
