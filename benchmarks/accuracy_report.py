@@ -212,7 +212,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any], png_name: str) -> st
     lines += [
         "SST's pseudo labels per epoch (mean over seeds): new positives each source added in the "
         "epoch, and their precision and recall against the hidden full labels "
-        "(recall = share of the unknown true positives found).",
+        "(recall = share of the unknown true positives found); epochs after the warm-up.",
         "",
         "| method | known % | epoch | intra count | intra precision | intra recall | inter count | "
         "inter precision | inter recall |",
@@ -221,6 +221,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any], png_name: str) -> st
     for m, qs in summary["pseudo"].items():
         for q, eps in qs.items():
             for ep, v in eps.items():
+                if ep < meta["settings"].get("warmup_epochs", 0):  # warm-up: no pseudo labels by design
+                    continue
                 prec = {
                     k: f"{v[f'{k}_precision']:.3f}" if v[f"{k}_count"] > 0 else "-"
                     for k in ("intra", "inter")
