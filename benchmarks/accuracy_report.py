@@ -105,25 +105,34 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     axes[0].set_ylabel("test mAP (%)")
     axes[0].set_title("mAP vs known-label proportion (mean ± std over seeds)")
     axes[0].legend(fontsize=8)
-    sst = summary["pseudo"].get("sst", {})
+    curves = [(m, q, eps) for m, qs in summary["pseudo"].items() for q, eps in qs.items()]
+    fired = [c for c in curves if any(v[f"{k}_count"] > 0 for v in c[2].values() for k in ("intra", "inter"))]
+    silent = [f"{LABELS.get(m, m)} {q}%" for m, q, _ in curves if (m, q) not in {(f[0], f[1]) for f in fired}]
     cmap = plt.get_cmap("viridis")
-    props = sorted(sst)
-    for i, q in enumerate(props):
-        eps = sst[q]
+    for i, (m, q, eps) in enumerate(fired):
         xs = sorted(eps)
-        colour = cmap(i / max(1, len(props) - 1))
+        colour = cmap(i / max(1, len(fired) - 1))
         for kind, style in (("intra", "-o"), ("inter", "--s")):
+            if not any(eps[x][f"{kind}_count"] > 0 for x in xs):
+                continue
             # precision is undefined (not 0) in an epoch without new pseudo labels: leave a gap
             prec = [eps[x][f"{kind}_precision"] if eps[x][f"{kind}_count"] > 0 else float("nan") for x in xs]
-            axes[1].plot(xs, prec, style, color=colour, label=f"{kind} {q}%")
-            axes[2].plot(xs, [eps[x][f"{kind}_count"] for x in xs], style, color=colour, label=f"{kind} {q}%")
-    axes[1].set_title("SST pseudo-label precision per epoch")
+            name = f"{LABELS.get(m, m)} {q}% {kind}"
+            axes[1].plot(xs, prec, style, color=colour, label=name)
+            axes[2].plot(xs, [eps[x][f"{kind}_count"] for x in xs], style, color=colour, label=name)
+    if silent:
+        note = "no pseudo label in any epoch:\n" + "\n".join(
+            ", ".join(silent[i : i + 3]) for i in range(0, len(silent), 3)
+        )
+        axes[2].text(0.02, 0.98, note, transform=axes[2].transAxes, va="top", fontsize=7)
+    axes[1].set_title("pseudo-label precision per epoch (vs full labels)")
     axes[1].set_ylim(-0.02, 1.02)
-    axes[2].set_title("SST new positive pseudo labels per epoch")
+    axes[2].set_title("new positive pseudo labels per epoch")
     axes[2].set_yscale("symlog", linthresh=10)
     for ax in axes[1:]:
         ax.set_xlabel("epoch")
-    axes[1].legend(fontsize=7, ncol=2)
+    if fired:
+        axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
