@@ -159,7 +159,8 @@ def test_hard_scenes_small_objects_distractors_photometric(tmp_path):
     assert unexplained(hard_doc, hard_dir) > 2 * unexplained(easy_doc, easy_dir) + 0.05
     # lighting varies from image to image, beyond what the scene backgrounds already vary (~2x)
     def brightness_spread(doc, image_dir):
-        return np.std([np.asarray(Image.open(image_dir / i["file_name"]), float).mean() for i in doc["images"]])
+        means = [np.asarray(Image.open(image_dir / i["file_name"]), float).mean() for i in doc["images"]]
+        return np.std(means)
 
     assert brightness_spread(hard_doc, hard_dir) > 1.5 * brightness_spread(easy_doc, easy_dir)
     with pytest.raises(ValueError, match="difficulty"):
