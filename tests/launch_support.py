@@ -77,6 +77,28 @@ def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
     return env
 
 
+def run_rank_processes(args: list[str], world: int, out: Path, tag: str, timeout: float = 300) -> None:
+    """Start ``python *args`` once per rank (as a launcher would), wait, and fail with a rank's log
+    tail if any exits non-zero. Logs go to ``out/{tag}-w{world}-r{rank}.log``."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        log = out / f"{tag}-w{world}-r{rank}.log"
+        with log.open("w") as fh:
+            procs.append(subprocess.Popen([sys.executable, *args], env=rank_env(rank, world, port),
+                                          cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT))
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for rank, p in enumerate(procs):
+        text = (out / f"{tag}-w{world}-r{rank}.log").read_text(errors="replace")
+        assert p.returncode == 0, f"{tag} world {world} rank {rank} exited {p.returncode}:\n{text[-4000:]}"
+
+
 def launch_env(tmp: Path) -> dict[str, str]:
     """Environment for a launched run: CPU ranks, the repo importable, outputs under ``tmp``."""
     env = dict(os.environ)

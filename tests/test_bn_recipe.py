@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 import torchvision
-from launch_support import free_port, rank_env
+from launch_support import run_rank_processes
 
 from sst_dist.model.backbone import Backbone
 from sst_dist.model.config import ModelConfig
@@ -124,25 +123,8 @@ def test_model_level_train_and_trainer_conversion_apply_the_recipe():
 
 
 # ------------------------------------------------------------------------ world-size invariance
-def _run_ranks(world: int, out: Path, timeout: float = 300) -> None:
-    port, procs = free_port(), []
-    for rank in range(world):
-        log = open(out / f"w{world}-r{rank}.log", "w")  # noqa: SIM115 (closed below)
-        cmd = [sys.executable, str(HERE), "--worker", str(out)]
-        procs.append((subprocess.Popen(cmd, env=rank_env(rank, world, port), cwd=ROOT, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
-    try:
-        for p, log in procs:
-            p.wait(timeout=timeout)
-            log.close()
-    finally:
-        for p, _ in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, (p, _) in enumerate(procs):
-        text = (out / f"w{world}-r{rank}.log").read_text(errors="replace")
-        assert p.returncode == 0, f"world {world} rank {rank} exited {p.returncode}:\n{text[-4000:]}"
+def _run_ranks(world: int, out: Path) -> None:
+    run_rank_processes([str(HERE), "--worker", str(out)], world, out, "bn-recipe")
 
 
 @pytest.mark.slow

@@ -21,56 +21,20 @@ outputs and gradients.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launch_support import rank_env
+from launch_support import run_rank_processes
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
 GLOBAL_B, C, SIZE, LR = 8, 5, 128, 1e-3  # 128 px: a 2x2 feature map (S = 4)
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_workers(mode: str, world: int, out: Path, timeout: float = 300) -> None:
-    port = _port()
-    procs = []
-    for rank in range(world):
-        env = rank_env(rank, world, port)
-        log = open(out / f"{mode}-w{world}-r{rank}.log", "w")  # noqa: SIM115
-        procs.append(
-            (
-                subprocess.Popen(
-                    [sys.executable, str(HERE), "--worker", mode, str(out)],
-                    env=env,
-                    cwd=ROOT,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                ),
-                log,
-            )
-        )
-    try:
-        for p, log in procs:
-            p.wait(timeout=timeout)
-            log.close()
-    finally:
-        for p, _ in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, (p, _) in enumerate(procs):
-        text = (out / f"{mode}-w{world}-r{rank}.log").read_text(errors="replace")
-        assert p.returncode == 0, f"{mode} world {world} rank {rank} exited {p.returncode}:\n{text[-4000:]}"
+def _run_workers(mode: str, world: int, out: Path) -> None:
+    run_rank_processes([str(HERE), "--worker", mode, str(out)], world, out, mode)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-5) -> None:
