@@ -89,8 +89,22 @@ def test_sigusr1_saves_mid_epoch_and_resume_matches_uninterrupted(tmp_path):
         assert torch.allclose(got[k].double(), want[k].double(), atol=1e-6, rtol=1e-5), k
     # the metrics of B + C are A's: step 12 logged once, before its checkpoint (none lost, none twice)
     assert _records(b.run_dir) == _records(a.run_dir)
+    # epoch 1's means cover all 8 of its steps, the 4 before the checkpoint included
+    epoch_a, epoch_b = _epoch_record(a.run_dir, 1), _epoch_record(b.run_dir, 1)
+    means = [k for k in epoch_a if k == "loss" or k in ("bce", "intra", "inter", "cooc", "contrastive")]
+    assert len(means) >= 4, epoch_a
+    for k in means:
+        assert epoch_b[k] == pytest.approx(epoch_a[k], rel=1e-5, abs=1e-7), k
+    assert epoch_b["skipped_steps_epoch"] == epoch_a["skipped_steps_epoch"] == 0
 
 
 def _records(run_dir: Path) -> list[tuple[str, int]]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [(r["kind"], r["step"]) for r in map(json.loads, lines)]
+
+
+def _epoch_record(run_dir: Path, epoch: int) -> dict:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    recs = [r for r in map(json.loads, lines) if r["kind"] == "epoch" and r["epoch"] == epoch]
+    assert len(recs) == 1, recs
+    return recs[0]

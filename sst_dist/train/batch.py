@@ -61,6 +61,16 @@ class EpochSums:
         else:
             self.total = self.total + row
 
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors and strings (a checkpoint loads them without unpickling code)."""
+        return {"total": None if self.total is None else self.total.detach().cpu(), "names": list(self.names)}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        """Continue a mid-epoch checkpoint's sums, so the epoch's means cover all of its steps."""
+        total = state.get("total")
+        self.total = None if total is None else total.to(device)
+        self.names = tuple(state.get("names", ()))
+
     def read(self) -> tuple[dict[str, float], dict[str, float], int]:
         """(sums of loss and terms, sums of pseudo counts, finite step count)."""
         if self.total is None:

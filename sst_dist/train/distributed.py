@@ -14,6 +14,7 @@ gradient of the global batch: training is world-size invariant, which the tests 
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import socket
@@ -162,7 +163,15 @@ def init_distributed(backend: str | None = None, timeout_s: int = 600) -> DistEn
                 backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout
             )
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+        atexit.register(_shut_down_process_group)
     return DistEnv(env.rank, env.world_size, env.local_rank, addr, port, env.launcher, env.single_node)
+
+
+def _shut_down_process_group() -> None:
+    """At exit, before the interpreter tears down: a process group left to static destruction
+    once aborted a finished rank ('terminate called without an active exception', exit -6)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device() -> torch.device:

@@ -1,4 +1,4 @@
-"""The trainer's state across runs: what a checkpoint holds, saving it, and resuming from one.
+"""The trainer's persistence: its run directory's outputs, what a checkpoint holds, saving and resuming.
 
 Split from :mod:`.trainer` along the seam between the training loop and its persistence. A
 resume restores the engine (weights, optimizer moments, LR scheduler), SST state, counters, RNG
@@ -14,8 +14,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sst_dist.config import save_config
 from sst_dist.train import distributed as D
+from sst_dist.train import rundir
 from sst_dist.train.checkpoint import CheckpointError
+from sst_dist.train.engine_setup import save_deepspeed_config
+from sst_dist.train.logging_utils import MetricsWriter
 from sst_dist.train.rundir import RunDirError
 
 log = logging.getLogger("sst_dist")
@@ -28,7 +32,8 @@ def _first_line(e: BaseException) -> str:
 
 
 class CheckpointingMixin:
-    """``state_dict``/``save``/``resume`` of :class:`sst_dist.train.trainer.Trainer`."""
+    """The run directory's outputs and ``state_dict``/``save``/``resume`` of
+    :class:`sst_dist.train.trainer.Trainer`."""
 
     # provided by the Trainer
     cfg: Any
@@ -38,12 +43,46 @@ class CheckpointingMixin:
     data: Any
     checkpoints: Any
     epoch: int
+    epoch_sums: Any
+    device: Any
     global_step: int
     skipped_steps: int
     best_map: float
     overwrite: bool
     trust_checkpoint: bool
     resumed_from: Path | None
+    run_dir: Path
+    lock: Any
+    finished: bool
+    ds_config: dict[str, Any]
+
+    def _open_outputs(self) -> None:
+        """Training really starts: clear replaced outputs, write config.yaml, open the metrics.
+
+        Nothing here runs for a finished run, so resuming one only reports it."""
+        keep_upto = self.global_step if self.resumed_from is not None else -1
+        if self.rank == 0 and not self.finished:
+            if self.overwrite:  # a fresh start, or a resume from a checkpoint older than others
+                here = self.resumed_from is not None
+                here = here and self.resumed_from.parent.resolve() == self.checkpoints.root.resolve()
+                keep = tuple(
+                    c.name for c in self.checkpoints.complete() if here and c.name <= self.resumed_from.name
+                )
+                removed = rundir.clear_outputs(self.run_dir, keep_checkpoints=keep, checkpoints_only=here)
+                if removed:
+                    log.warning("--overwrite: removed %s from %s", ", ".join(removed), self.run_dir)
+            save_config(self.cfg, self.run_dir / "config.yaml")  # atomic: replaces a planted link
+            save_deepspeed_config(self.ds_config, self.run_dir)
+        D.barrier()
+        self.metrics = MetricsWriter(
+            self.run_dir, self.cfg.output.tensorboard, None if self.finished else keep_upto
+        )
+
+    def release(self) -> None:
+        """Give the run directory's lock back (done by ``train``; also when the process ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def state_dict(self) -> dict[str, Any]:
         """SST state and counters (the engine checkpoints weights/optimizer/scheduler itself)."""
@@ -53,12 +92,15 @@ class CheckpointingMixin:
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
             "best_map": self.best_map,
+            "epoch_sums": self.epoch_sums.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sst.load_state_dict(state["sst"])
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.skipped_steps, self.best_map = int(state["skipped_steps"]), float(state["best_map"])
+        if "epoch_sums" in state:  # checkpoints before 2026-12-03 lack them: the epoch mean then
+            self.epoch_sums.load_state_dict(state["epoch_sums"], self.device)  # covers resumed steps
 
     def save(self, mAP: float | None = None, mid_epoch: bool = False) -> Path:
         """Checkpoint now (collective); ``mAP`` of this epoch's evaluation moves ``best`` if higher."""

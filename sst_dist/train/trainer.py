@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sst_dist.config import RunConfig, save_config
+from sst_dist.config import RunConfig
 from sst_dist.train import distributed as D
 from sst_dist.train import rundir
 from sst_dist.train.batch import EpochSums, prepare_batch
@@ -35,10 +35,9 @@ from sst_dist.train.engine_setup import (
     DTYPES,
     cast_buffers,
     deepspeed_config,
-    save_deepspeed_config,
     seed_everything,
 )
-from sst_dist.train.logging_utils import MetricsWriter, Progress, StepLine, setup_logging
+from sst_dist.train.logging_utils import Progress, StepLine, setup_logging
 from sst_dist.train.preemption import Preempted, PreemptionFlag
 from sst_dist.train.run_state import CheckpointingMixin
 from sst_dist.train.state import DistributedSST, StepResult, pseudo_quality
@@ -156,38 +155,11 @@ class Trainer(CheckpointingMixin):
         self.sst = DistributedSST(cfg, self.model)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.output.keep_checkpoints)
         self.epoch, self.global_step, self.bad_steps, self.skipped_steps = 0, 0, 0, 0
+        self.epoch_sums = EpochSums()  # the current epoch's loss sums (a mid-epoch checkpoint keeps them)
         self.best_map = -math.inf
         self.preemption = PreemptionFlag()
         self._bad_window: torch.Tensor | None = None  # any non-finite micro-step since the last update
         self._pending: list[tuple[StepResult, int]] = []  # steps whose outcome the host has not read
-
-    def _open_outputs(self) -> None:
-        """Training really starts: clear replaced outputs, write config.yaml, open the metrics.
-
-        Nothing here runs for a finished run, so resuming one only reports it."""
-        keep_upto = self.global_step if self.resumed_from is not None else -1
-        if self.rank == 0 and not self.finished:
-            if self.overwrite:  # a fresh start, or a resume from a checkpoint older than others
-                here = self.resumed_from is not None
-                here = here and self.resumed_from.parent.resolve() == self.checkpoints.root.resolve()
-                keep = tuple(
-                    c.name for c in self.checkpoints.complete() if here and c.name <= self.resumed_from.name
-                )
-                removed = rundir.clear_outputs(self.run_dir, keep_checkpoints=keep, checkpoints_only=here)
-                if removed:
-                    log.warning("--overwrite: removed %s from %s", ", ".join(removed), self.run_dir)
-            save_config(self.cfg, self.run_dir / "config.yaml")  # atomic: replaces a planted link
-            save_deepspeed_config(self.ds_config, self.run_dir)
-        D.barrier()
-        self.metrics = MetricsWriter(
-            self.run_dir, self.cfg.output.tensorboard, None if self.finished else keep_upto
-        )
-
-    def release(self) -> None:
-        """Give the run directory's lock back (done by ``train``; also when the process ends)."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
 
     # ------------------------------------------------------------------ helpers
     def _steps_per_epoch(self) -> int:
@@ -275,7 +247,12 @@ class Trainer(CheckpointingMixin):
         n = self.steps_per_epoch
         start = min(int(getattr(loader, "position", 0)), n)  # > 0 after a mid-epoch resume
         bar = Progress(n - start, f"epoch {epoch}", self.cfg.train.progress)
-        acc = EpochSums()  # on the device: the host reads the epoch's sums once, at its end
+        # on the device: the host reads the sums once, at the epoch's end. After a mid-epoch resume
+        # the checkpoint's sums continue, so the epoch's means cover all of its steps.
+        first = 0 if start and self.epoch_sums.total is not None else start
+        if first == start:
+            self.epoch_sums = EpochSums()
+        acc = self.epoch_sums
         t0 = time.perf_counter()
         steps, fetched = StepLine(self.cfg.train.epochs * n, self.global_step), time.perf_counter()
         for i, batch in enumerate(itertools.islice(loader, n - start), start):
@@ -296,6 +273,7 @@ class Trainer(CheckpointingMixin):
         bar.close()
         self.settle()
         sums, pseudo, count = acc.read()
+        self.epoch_sums = EpochSums()  # the epoch-end checkpoint holds no partial sums
         means = {k: v / max(1, count) for k, v in sums.items()}
         elapsed = time.perf_counter() - t0
         summary = {
@@ -305,7 +283,7 @@ class Trainer(CheckpointingMixin):
             "lr": self.lr,
             "images_per_s": (n - start) * self.cfg.train.batch_size * self.world / max(elapsed, 1e-9),
             "skipped_steps": self.skipped_steps,
-            "skipped_steps_epoch": n - start - count,
+            "skipped_steps_epoch": n - first - count,
             "skipped_images": self._skipped_images(loader),
             "margin_intra": self.sst.margins["intra"],
             "margin_inter": self.sst.margins["inter"],
