@@ -182,6 +182,12 @@ MUTATIONS: list[Mutation] = [
         ["tests/test_grad_clipping.py"],
     ),
     Mutation(
+        "bn-stats-per-rank", "distributed", "training BNs use each rank's own batch statistics",
+        "sst_dist/train/distributed.py",
+        "        stats = all_reduce_sum_grad(stats)\n", "",
+        [WS, "-k", "train"],
+    ),
+    Mutation(
         "ci-skips-silently", "test harness", "conftest no longer turns CI skips into failures",
         "tests/conftest.py",
         "    if not (report.skipped and _in_ci()) or \"gpu\" in item.keywords:",
