@@ -143,9 +143,12 @@ def _global_batch():
 
     g = torch.Generator().manual_seed(1234)
     images = torch.randn(2, GLOBAL_B, 3, SIZE, SIZE, generator=g)
-    # the second half repeats the first: an image on rank 1 then finds its twin's known positives
-    # (pushed by rank 0) in the bank, so inter-image pseudo labels really depend on the gathering
-    images[:, GLOBAL_B // 2 :] = images[:, : GLOBAL_B // 2]
+    # the second half is a noisy copy of the first: an image on rank 1 then finds its twin's known
+    # positives (pushed by rank 0) in the bank, so inter-image pseudo labels really depend on the
+    # gathering. Not an exact copy: with identical halves, per-rank BatchNorm statistics equal the
+    # global ones and their gradients sum to the same, so a missing BN synchronisation passed.
+    half = GLOBAL_B // 2
+    images[:, half:] = images[:, :half] + 0.3 * torch.randn(2, half, 3, SIZE, SIZE, generator=g)
     full = torch.where(torch.rand(2, GLOBAL_B, C, generator=g) < 0.4, 1, -1).to(torch.int8)
     known = torch.rand(2, GLOBAL_B, C, generator=g) < 0.6
     partial = (full * known).to(torch.int8)
