@@ -44,6 +44,9 @@ def test_bf16_recipes_train_with_their_dtypes(tmp_path, precision):
     before = weight.detach().float().clone()
     tr._set_train_mode()
     batch = next(iter(tr.data.train_loader))
+    # the loader delivers the images in the dtype the step feeds the trunk (no second cast)
+    assert batch.images.dtype == want == tr.dtype
+    assert next(iter(tr.data.test_loader)).images.dtype == want
     res = tr.train_step(batch, epoch=1, progress=0.0)
     hook.remove()
     assert math.isfinite(res.global_loss) and tr.global_step == 1

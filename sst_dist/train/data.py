@@ -84,6 +84,7 @@ def build_data(cfg: RunConfig, rank: int, world_size: int, device: torch.device)
     """Train/test loaders for this rank, the adjacency and the class names."""
     from data_shards.loaders import build_loader
     from sst_dist.model.adjacency import cooccurrence_adjacency
+    from sst_dist.train.engine_setup import DTYPES
     from sst_dist.train.trainer import RunData
 
     ensure_synthetic(cfg)
@@ -97,6 +98,7 @@ def build_data(cfg: RunConfig, rank: int, world_size: int, device: torch.device)
         num_workers=d.num_workers,
         backend=d.backend,
         device=device,
+        dtype=DTYPES[cfg.train.precision],  # images arrive as the step uses them: no second cast
         num_classes=cfg.model.num_classes,
     )
     train = build_loader(d.root, d.train_split, train=True, batch_size=cfg.train.batch_size, **common)
