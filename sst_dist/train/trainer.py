@@ -15,6 +15,7 @@ only after the model is built and any checkpoint loaded, so a failed start chang
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -128,11 +129,13 @@ class Trainer(CheckpointingMixin):
         self.data = data
         self.steps_per_epoch = self._steps_per_epoch()
 
-        model = SSTModel(cfg.model, data.adjacency)
         if cfg.train.init_from:  # fine-tune an imported official model (convert-checkpoint output)
             from sst_dist.convert import load_converted_into
-
+            # its trunk replaces the pretrained one: do not read (or fetch) weights it overwrites
+            model = SSTModel(dataclasses.replace(cfg.model, pretrained=None), data.adjacency)
             load_converted_into(model, os.path.expanduser(cfg.train.init_from))
+        else:
+            model = SSTModel(cfg.model, data.adjacency)
         model.to(self.device)  # before the BN conversion: it picks torch's SyncBatchNorm on CUDA
         D.convert_batchnorm(model, cfg.train.batchnorm)
         model.to(self.device)
