@@ -24,6 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from heads import post_backbone_loss  # noqa: E402
 
 from sst_dist.model import ModelConfig, SSTModel, cooccurrence_adjacency  # noqa: E402
+from sst_dist.train.batch import trunk_layout  # noqa: E402
+from sst_dist.train.engine_setup import place_model  # noqa: E402
 
 
 def step_seconds(model: SSTModel, opt, images, labels, impl: str, dtype, device) -> float:
@@ -61,12 +63,13 @@ def main() -> None:
     labels = torch.randint(-1, 2, (args.batch, args.classes), generator=g).to(device)
     torch.manual_seed(0)
     model = SSTModel(ModelConfig(num_classes=args.classes, backbone=args.backbone, freeze="layer4"),
-                     cooccurrence_adjacency(partial)).to(device).train()
+                     cooccurrence_adjacency(partial)).train()
+    place_model(model, device)  # as the trainer does (channels-last weights on CUDA)
     with torch.no_grad():  # a filled bank, so the similarities are real work
         model.bank.update(torch.randn(128, args.classes, model.cfg.feature_dim, device=device),
                           torch.ones(128, args.classes, device=device))
     opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-5, fused=True)
-    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    images = trunk_layout(torch.randn(args.batch, 3, args.image_size, args.image_size, device=device))
     times: dict[str, list[float]] = {impl: [] for impl in args.impls}
     for r in range(args.warmup + args.repeats):
         for impl in args.impls:  # interleaved

@@ -53,3 +53,22 @@ def test_bf16_recipes_train_with_their_dtypes(tmp_path, precision):
     assert seen == [torch.bfloat16]  # a Linear computes in bf16 in both recipes
     assert not torch.equal(weight.detach().float(), before)
     assert weight.dtype == want
+
+
+@pytest.mark.gpu
+def test_cuda_trainer_runs_the_trunk_channels_last(tmp_path):
+    """On CUDA the images and the conv weights are channels-last (issue 12); the step still trains."""
+    from sst_dist.train.trainer import Trainer
+
+    os.environ.pop("DS_ACCELERATOR", None)
+    cfg = load_config(DEBUG, [f"output.root={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}"])
+    tr = Trainer(cfg)
+    conv = next(m for m in tr.model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_cuda and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    seen: list[bool] = []
+    cl = torch.channels_last
+    hook = conv.register_forward_hook(lambda m, i, o: seen.append(i[0].is_contiguous(memory_format=cl)))
+    tr._set_train_mode()
+    res = tr.train_step(next(iter(tr.data.train_loader)), epoch=1, progress=0.0, sync=True)
+    hook.remove()
+    assert seen == [True] and math.isfinite(res.global_loss)

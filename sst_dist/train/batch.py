@@ -4,7 +4,7 @@
 device synchronisation) and where images reach the device in the training dtype: pinned and
 copied asynchronously when the loader left them on the host, untouched when the loader already
 delivered them there (``build_loader(device=..., dtype=...)``). On CUDA the images are handed
-to the trunk in channels-last layout (the model is converted alike by the trainer).
+to the trunk in channels-last layout (the conv weights too: ``engine_setup.place_model``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None =
     return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
+def trunk_layout(images: torch.Tensor) -> torch.Tensor:
+    """Images in the layout the trunk runs fastest in: channels-last on CUDA (as its weights,
+    ``engine_setup.place_model``), unchanged elsewhere."""
+    return images.contiguous(memory_format=torch.channels_last) if images.is_cuda else images
+
+
 def prepare_batch(
     batch: Any, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -34,9 +40,7 @@ def prepare_batch(
     partial = batch.partial
     if partial.device.type == "cpu":  # the loader's host copy: checking it costs no device sync
         check_labels(partial, "batch.partial")
-    images = to_device(batch.images, device, dtype)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = trunk_layout(to_device(batch.images, device, dtype))
     labels = to_device(partial, device, torch.float32)
     full = getattr(batch, "full", None)
     return images, labels, None if full is None else to_device(full, device)

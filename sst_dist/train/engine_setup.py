@@ -85,3 +85,12 @@ def cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
             full = f"{mod_name}.{key}" if mod_name else key
             if buf is not None and buf.is_floating_point() and not full.startswith("bank."):
                 mod._buffers[key] = buf.to(dtype)
+
+
+def place_model(model: torch.nn.Module, device: torch.device) -> None:
+    """Move ``model`` to ``device``; on CUDA its 4-D weights go channels-last, the layout
+    ``prepare_batch`` hands the images in (cuDNN's fast convolution layout; on the CPU it
+    measured no faster and stays as is)."""
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
