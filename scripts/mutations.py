@@ -105,7 +105,7 @@ MUTATIONS: list[Mutation] = [
         "contrastive-sign-swapped", "losses", "contrastive: positive pairs pay 1+cos, negatives 1-cos",
         "sst_dist/losses.py",
         "term = torch.where(pp, 1.0 - cos, 1.0 + cos)", "term = torch.where(pp, 1.0 + cos, 1.0 - cos)",
-        ["tests/test_losses.py", "-k", "contrastive_hand_worked"],
+        ["tests/test_losses_contrastive.py", "-k", "contrastive_hand_worked"],
     ),
     Mutation(
         "asl-clip-dropped", "losses", "co-occurrence ASL ignores the probability shift (clip)",
