@@ -217,7 +217,7 @@ def load_converted_into(model: torch.nn.Module, path: str | os.PathLike) -> dict
     A model config that disagrees with the file's in a field that changes outputs is an error.
     Returns the file's ``info`` (empty for a bare state dict).
     """
-    from sst_dist.train.inference import check_model_agreement
+    from sst_dist.model.config import check_model_agreement
 
     state, model_cfg, info = read_converted(path)
     if model_cfg is not None and hasattr(model, "cfg"):

@@ -96,3 +96,24 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig keys {unknown}; known keys: {sorted(known)}")
         return cls(**values)
+
+
+# ModelConfig fields that change a model's outputs (the others: bank size, freeze policy, head
+# implementation, and where the initial weights came from, which the checkpoint replaces)
+OUTPUT_FIELDS = ("num_classes", "backbone", "feature_dim", "inter_dim", "out_dim", "embed_dim", "time_steps")
+
+
+def check_model_agreement(truth: dict[str, Any], model_cfg: Any, where: str) -> None:
+    """ValueError naming the first output-changing field where ``model_cfg`` differs from ``truth``.
+
+    ``embed_dim`` is skipped when the run config takes its embeddings from a file (their width
+    then comes from the file, and the checkpoint brings its own embeddings anyway).
+    """
+    for key in OUTPUT_FIELDS:
+        if key not in truth or (key == "embed_dim" and getattr(model_cfg, "embeddings", None)):
+            continue
+        if getattr(model_cfg, key) != truth[key]:
+            raise ValueError(
+                f"model.{key}={getattr(model_cfg, key)!r} from {where} disagrees with the checkpoint's "
+                f"model.{key}={truth[key]!r}; it would change the results (drop it or use a matching config)"
+            )

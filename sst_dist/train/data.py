@@ -8,7 +8,9 @@ graph and the supervision consistent.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,6 +18,16 @@ from sst_dist.config import ConfigError, RunConfig
 from sst_dist.train import distributed as D
 
 log = logging.getLogger("sst_dist")
+
+
+@dataclass
+class RunData:
+    """What the trainer needs from the data side (built by :func:`build_data`)."""
+
+    train_loader: Any
+    test_loader: Any
+    adjacency: torch.Tensor
+    class_names: list[str]
 
 
 def ensure_synthetic(cfg: RunConfig) -> None:
@@ -85,7 +97,6 @@ def build_data(cfg: RunConfig, rank: int, world_size: int, device: torch.device)
     from data_shards.loaders import build_loader
     from sst_dist.model.adjacency import cooccurrence_adjacency
     from sst_dist.train.engine_setup import DTYPES
-    from sst_dist.train.trainer import RunData
 
     ensure_synthetic(cfg)
     d = cfg.data

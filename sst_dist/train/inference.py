@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 
-# ModelConfig fields that change a model's outputs (the others: bank size, freeze policy, head
-# implementation, and where the initial weights came from, which the checkpoint replaces).
-OUTPUT_FIELDS = ("num_classes", "backbone", "feature_dim", "inter_dim", "out_dim", "embed_dim", "time_steps")
+from sst_dist.model.config import check_model_agreement
+
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # zip-format and legacy torch files
 
 
@@ -86,22 +85,6 @@ def _looks_like_torch_file(path: Path) -> bool:
     with path.open("rb") as f:
         head = f.read(4)
     return head.startswith(_TORCH_MAGIC)
-
-
-def check_model_agreement(truth: dict[str, Any], model_cfg: Any, where: str) -> None:
-    """ValueError naming the first output-changing field where ``model_cfg`` differs from ``truth``.
-
-    ``embed_dim`` is skipped when the run config takes its embeddings from a file (their width
-    then comes from the file, and the checkpoint brings its own embeddings anyway).
-    """
-    for key in OUTPUT_FIELDS:
-        if key not in truth or (key == "embed_dim" and getattr(model_cfg, "embeddings", None)):
-            continue
-        if getattr(model_cfg, key) != truth[key]:
-            raise ValueError(
-                f"model.{key}={getattr(model_cfg, key)!r} from {where} disagrees with the checkpoint's "
-                f"model.{key}={truth[key]!r}; it would change the results (drop it or use a matching config)"
-            )
 
 
 def _load(path: Path, trust: bool) -> Any:

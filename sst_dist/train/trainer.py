@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from sst_dist.train import distributed as D
 from sst_dist.train import rundir
 from sst_dist.train.batch import EpochSums, prepare_batch
 from sst_dist.train.checkpoint import CheckpointError, CheckpointManager
+from sst_dist.train.data import RunData
 from sst_dist.train.engine_setup import DTYPES, cast_buffers, deepspeed_config, place_model, seed_everything
 from sst_dist.train.logging_utils import Progress, StepLine, setup_logging
 from sst_dist.train.preemption import Preempted, PreemptionFlag
@@ -43,16 +43,6 @@ log = logging.getLogger("sst_dist")
 
 class TrainingAborted(RuntimeError):
     """Too many non-finite losses in a row; the last good checkpoint is left untouched."""
-
-
-@dataclass
-class RunData:
-    """What the trainer needs from the data side (built by :func:`sst_dist.train.data.build_data`)."""
-
-    train_loader: Any
-    test_loader: Any
-    adjacency: torch.Tensor
-    class_names: list[str]
 
 
 class Trainer(CheckpointingMixin):
