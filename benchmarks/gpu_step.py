@@ -53,6 +53,8 @@ def main() -> None:
     p.add_argument("--impls", nargs="+", default=["reference", "fused", "triton"])
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile-trunk", action="store_true",
+                   help="also time each impl with torch.compile(trunk) (compiled in the warm-up)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -70,20 +72,26 @@ def main() -> None:
                           torch.ones(128, args.classes, device=device))
     opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-5, fused=True)
     images = trunk_layout(torch.randn(args.batch, 3, args.image_size, args.image_size, device=device))
-    times: dict[str, list[float]] = {impl: [] for impl in args.impls}
+    trunks = {"eager": model.backbone.trunk}
+    if args.compile_trunk:  # an experiment for issue 12: does compiling the trunk pay on this device?
+        trunks["compiled"] = torch.compile(model.backbone.trunk)
+    variants = {impl if trunk == "eager" else f"{impl}+{trunk}": (impl, trunk)
+                for trunk in trunks for impl in args.impls}
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.warmup + args.repeats):
-        for impl in args.impls:  # interleaved
+        for v, (impl, trunk) in variants.items():  # interleaved
+            model.backbone.trunk = trunks[trunk]  # same parameters, eager or compiled
             t = step_seconds(model, opt, images, labels, impl, dtype, device)
             if r >= args.warmup:
-                times[impl].append(t)
+                times[v].append(t)
     med = {impl: statistics.median(ts) for impl, ts in times.items()}
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"full SST step on {name}, {args.backbone} at {args.image_size}, B={args.batch}, "
           f"C={args.classes}, {args.precision}; medians of {args.repeats}, interleaved")
-    print(f"{'impl':>10} {'s/step':>9} {'img/s':>9} {'vs reference':>13}")
+    print(f"{'impl':>18} {'s/step':>9} {'img/s':>9} {'vs reference':>13}")
     for impl, t in med.items():
         ratio = med["reference"] / t if "reference" in med else float("nan")
-        print(f"{impl:>10} {t:9.4f} {args.batch / t:9.1f} {ratio:12.2f}x")
+        print(f"{impl:>18} {t:9.4f} {args.batch / t:9.1f} {ratio:12.2f}x")
     out = args.out or f"benchmarks/results/gpu-step-{name.replace(' ', '_')}-{dt.date.today()}.json"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as fh:
