@@ -15,6 +15,7 @@ not the expanded value; loading the saved file expands it again.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -150,8 +151,12 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, written: dict[str, str])
     names = {f.name for f in fields}
     unknown = sorted(set(raw) - names, key=str)
     if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]!r}; allowed keys: {sorted(names)}")
+        key = unknown[0] if isinstance(unknown[0], str) else repr(unknown[0])
+        close = difflib.get_close_matches(key, sorted(names), n=1)
+        hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+        raise ConfigError(
+            f"unknown config key {prefix + '.' if prefix else ''}{key}{hint}; allowed keys: {sorted(names)}"
+        )
     kwargs = {}
     for f in fields:
         key = f"{prefix}.{f.name}" if prefix else f.name

@@ -59,7 +59,7 @@ def test_overrides_are_typed_by_the_field(tmp_path):
         ("data.backend=opencv", "data.backend", "dali"),
         ("train.batchnorm=none", "train.batchnorm", "sync"),
         ("trian.epochs=1", "trian", "allowed keys"),
-        ("train.epoch=1", "epoch", "allowed keys"),
+        ("train.epoch=1", "train.epoch ", "did you mean train.epochs?"),
         ("model.backbone=vgg", "model", "resnet101"),
     ],
 )
