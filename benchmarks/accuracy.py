@@ -49,6 +49,8 @@ METHODS: dict[str, list[str]] = {
     "knownpairs": ["loss.pair_targets=known"],  # pair targets only where both labels are known
     # beyond the paper: per-class bank thresholds instead of the fixed margin (sst_dist.pseudo)
     "calibrated": ["pseudo.inter_threshold=calibrated"],
+    # beyond the paper, on top of calibrated: each cross-image pseudo positive weighted by its similarity
+    "weighted": ["pseudo.inter_threshold=calibrated", "pseudo.inter_weight=similarity"],
 }
 
 

@@ -188,6 +188,13 @@ MUTATIONS: list[Mutation] = [
         [WS, "-k", "train"],
     ),
     Mutation(
+        "inter-weights-ignored", "losses", "pseudo.inter_weight=similarity computed but not applied",
+        "sst_dist/losses.py",
+        "terms[name] = partial_bce(logits, lab, (pseudo_weights or {}).get(name))",
+        "terms[name] = partial_bce(logits, lab)",
+        ["tests/test_pseudo_calibrated.py", "-k", "similarity"],
+    ),
+    Mutation(
         "ci-skips-silently", "test harness", "conftest no longer turns CI skips into failures",
         "tests/conftest.py",
         "    if not (report.skipped and _in_ci()) or \"gpu\" in item.keywords:",

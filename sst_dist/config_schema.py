@@ -116,6 +116,9 @@ class PseudoConfig:
     # "calibrated" with per-class thresholds, the margin-quantile of the bank's own similarities
     # (sst_dist.pseudo.bank_thresholds; see docs/accuracy.md)
     inter_threshold: Literal["margin", "calibrated"] = "margin"
+    # "hard": a cross-image pseudo positive counts like a known label (the paper); "similarity":
+    # it counts with weight clamp(its bank similarity, 0, 1) in the inter BCE's weighted mean
+    inter_weight: Literal["hard", "similarity"] = "hard"
 
     def validate(self, prefix: str) -> None:
         _check(self.warmup_epochs >= 0, f"{prefix}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")

@@ -58,16 +58,24 @@ def _float(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def partial_bce(logits: torch.Tensor, labels: torch.Tensor) -> Term:
-    """Mean binary cross-entropy over known entries only (+1 -> softplus(-x), -1 -> softplus(x))."""
+def partial_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> Term:
+    """Mean binary cross-entropy over known entries only (+1 -> softplus(-x), -1 -> softplus(x)).
+
+    ``weights`` (same shape, >= 0, no gradient) makes it the weighted mean over known entries
+    (option ``pseudo.inter_weight=similarity``); None is weight 1 everywhere."""
     if logits.shape != labels.shape:
         raise ValueError(f"logits shape {tuple(logits.shape)} != labels shape {tuple(labels.shape)}")
+    if weights is not None and weights.shape != labels.shape:
+        raise ValueError(f"weights shape {tuple(weights.shape)} != labels shape {tuple(labels.shape)}")
     x = _float(logits)
     pos, neg = labels == 1, labels == -1
     loss = torch.where(pos, Fn.softplus(-x), torch.zeros_like(x)) + torch.where(
         neg, Fn.softplus(x), torch.zeros_like(x)
     )
-    return Term(loss.sum(), _count(pos | neg, x))
+    if weights is None:
+        return Term(loss.sum(), _count(pos | neg, x))
+    w = torch.where(pos | neg, weights.detach().to(x.dtype), torch.zeros_like(x))
+    return Term((loss * w).sum(), w.sum())
 
 
 def pair_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -250,6 +258,7 @@ def sst_terms(
     generator: torch.Generator | None = None,
     impl: str = "fused",
     pair_targets: str = "reference",
+    pseudo_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Term]:
     """The SST terms of one batch: the one place they are assembled.
 
@@ -258,6 +267,7 @@ def sst_terms(
     which are the local batch in one process and the all-gathered global batch in training.
     ``pair_targets`` is ``loss.pair_targets``: the co-occurrence term averages over all B*P pairs
     ("reference") or over the pairs whose target is known ("known", :func:`cooccurrence_asl`).
+    ``pseudo_weights`` optionally weights a pseudo-label term's entries (:func:`partial_bce`).
     """
     if pair_targets not in ("reference", "known"):
         raise ValueError(f"pair_targets must be 'reference' or 'known', got {pair_targets!r}")
@@ -268,7 +278,7 @@ def sst_terms(
     for name, lab in (pseudo or {}).items():
         if name not in ("intra", "inter"):
             raise KeyError(f"pseudo labels must be 'intra' or 'inter', got {name!r}")
-        terms[name] = partial_bce(logits, lab)
+        terms[name] = partial_bce(logits, lab, (pseudo_weights or {}).get(name))
     terms["contrastive"] = contrastive(contrast_features, contrast_labels, generator=generator, impl=impl)
     return terms
 

@@ -40,6 +40,28 @@ def test_partial_bce_hand_worked() -> None:
     assert t.value().item() == pytest.approx(1.5 * math.log(2.0), rel=1e-12)
 
 
+def test_partial_bce_weighted_hand_worked() -> None:
+    """pseudo.inter_weight=similarity: a weighted mean over known entries, gradient w*(p - y)/sum(w)."""
+    # +1 at logit 0 with weight 1/4: ln2 / 4; -1 at logit ln3 with weight 1: ln4; unknown (weight 9)
+    # ignored. Mean = (ln2/4 + 2 ln2) / (1/4 + 1) = 1.8 ln2.
+    logits = torch.tensor([[0.0, math.log(3.0), 5.0]], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[1.0, -1.0, 0.0]], dtype=torch.float64)
+    w = torch.tensor([[0.25, 1.0, 9.0]], dtype=torch.float64)
+    t = partial_bce(logits, labels, w)
+    assert t.denominator.item() == pytest.approx(1.25, rel=1e-12)
+    assert t.value().item() == pytest.approx(1.8 * math.log(2.0), rel=1e-12)
+    t.value().backward()
+    # d/dx softplus(-x) = p - 1 = -1/2 at 0; d/dx softplus(x) = p = 3/4 at ln3
+    want = torch.tensor([[0.25 * -0.5, 1.0 * 0.75, 0.0]], dtype=torch.float64) / 1.25
+    torch.testing.assert_close(logits.grad, want, rtol=1e-12, atol=1e-15)
+    # weight 1 everywhere is the unweighted term, numerator and denominator alike
+    plain = partial_bce(logits.detach(), labels)
+    ones = partial_bce(logits.detach(), labels, torch.ones_like(labels))
+    assert torch.equal(plain.numerator, ones.numerator) and torch.equal(plain.denominator, ones.denominator)
+    with pytest.raises(ValueError, match="weights shape"):
+        partial_bce(logits, labels, torch.ones(1, 2, dtype=torch.float64))
+
+
 def test_partial_bce_stable_and_empty() -> None:
     logits = torch.tensor([[1000.0, -1000.0]], requires_grad=True)
     t = partial_bce(logits, torch.tensor([[-1.0, 1.0]]))

@@ -81,28 +81,39 @@ class DistributedSST:
 
     def pseudo_labels(
         self, out: Any, labels: torch.Tensor, full: torch.Tensor | None, epoch: int
-    ) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor]:
-        """Intra and inter completed labels (None before warm-up ends) and their counts."""
+    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor], torch.Tensor]:
+        """Intra and inter completed labels (None before warm-up ends), the weights of their
+        entries where an option asks for any (else empty), and their counts."""
         if not self.schedule.pseudo_enabled(epoch):
             self.last_pseudo = {"intra": None, "inter": None}
-            return None, pseudo_stats(labels, labels, labels, None)
+            return None, {}, pseudo_stats(labels, labels, labels, None)
         intra = intra_pseudo_labels(out.pair_logits.detach(), labels, self.margins["intra"])
         feats = out.features.detach().float()
-        if self.cfg.pseudo.inter_threshold == "calibrated":  # option: per-class thresholds from the bank
+        p = self.cfg.pseudo
+        if p.inter_threshold == "calibrated":  # option: per-class thresholds from the bank
             sim, _ = self.bank.pseudo_labels(feats, labels, 2.0, impl=self.impl)  # cosines < 2: sim only
             t = bank_thresholds(self.bank.bank, self.bank.filled, self.margins["inter"])
             inter = threshold_labels(sim, labels, t)
         else:
-            _, inter = self.bank.pseudo_labels(feats, labels, self.margins["inter"], impl=self.impl)
+            sim, inter = self.bank.pseudo_labels(feats, labels, self.margins["inter"], impl=self.impl)
+        weights = {}
+        if p.inter_weight == "similarity":  # option: a new positive counts by its bank similarity
+            lifted = (labels == 0) & (inter == 1)
+            weights["inter"] = torch.where(lifted, sim.clamp(0.0, 1.0), torch.ones_like(sim))
         self.last_pseudo = {"intra": intra, "inter": inter}
-        return {"intra": intra, "inter": inter}, pseudo_stats(labels, intra, inter, full)
+        return {"intra": intra, "inter": inter}, weights, pseudo_stats(labels, intra, inter, full)
 
     def terms(
-        self, out: Any, labels: torch.Tensor, g: Gathered, pseudo: dict[str, torch.Tensor] | None
+        self,
+        out: Any,
+        labels: torch.Tensor,
+        g: Gathered,
+        pseudo: dict[str, torch.Tensor] | None,
+        weights: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, L.Term]:
         return L.sst_terms(
             out.logits, out.pair_logits, labels, pseudo, g.features, g.labels,
-            self.generator, self.impl, self.cfg.loss.pair_targets,
+            self.generator, self.impl, self.cfg.loss.pair_targets, weights,
         )
 
     def reduce(
@@ -149,8 +160,8 @@ class DistributedSST:
         """Update the bank, make pseudo labels, and build this rank's share of the global loss."""
         g = self.gather(out, labels)
         self.update_bank(g)
-        pseudo, stats = self.pseudo_labels(out, labels, full, epoch)
-        terms = self.terms(out, labels, g, pseudo)
+        pseudo, weights, stats = self.pseudo_labels(out, labels, full, epoch)
+        terms = self.terms(out, labels, g, pseudo, weights)
         return self.reduce(terms, stats, g.finite, epoch, progress, stop)
 
     def state_dict(self) -> dict[str, Any]:
