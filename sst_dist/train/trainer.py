@@ -181,6 +181,8 @@ class Trainer(CheckpointingMixin):
         Adam skips the update (``found_inf``; with accumulation, the whole accumulated update).
         The host learns of it at the next ``sync`` step (:meth:`settle`: logging and checkpoint
         steps), where skipped steps are counted and ``train.max_bad_steps`` in a row abort.
+        The LR scheduler still advances on a skipped step (as with AMP's GradScaler): the schedule
+        follows the position in the data, so its decay stays at the epoch boundary.
         """
         res = self.forward_loss(batch, epoch, progress)
         bad = ~res.ok
