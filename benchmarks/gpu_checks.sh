@@ -13,7 +13,9 @@
 #      `git archive f61a274 | gzip > build/base-src.tgz`, carried), beside step 4 in this call;
 #   8. dali-decode: benchmarks/loader.py, DALI mixed decoding vs torchvision nvJPEG at 448 from
 #      640x480 JPEGs, once scripts/device_wheel.sh has installed DALI into $DALI_SITE;
-#   9. gpu-step-compile (opt-in): gpu_step.py with the trunk eager and torch.compile'd, side by side.
+#   9. gpu-step-compile (opt-in): gpu_step.py with the trunk eager and torch.compile'd, side by side;
+#  10. profile-autocast-base (opt-in): `sst-dist profile` of the code before issue 12 (bf16-autocast,
+#      the COCO shape), to read beside profile-autocast for the model-step and end-to-end targets.
 # Each step has its own time limit, and a failing step does not stop the next.
 # Results go to $GPU_RESULTS (default /tmp/sst-gpu) and are packed into
 # ${OUT:-benchmarks/results}/gpu-results.tgz (checkpoints left out); the summary is printed last.
@@ -63,21 +65,31 @@ want gpu-train && step gpu-train 110 bash -c "launch/deepspeed.sh --num-gpus 1 l
   && $PY -m sst_dist.cli eval $RES/runs/gpu-demo/checkpoints/best --out $RES/gpu-eval"
 # --no-compile: torch.compile of the chunked torch forms takes minutes per form on its own
 want kernels && step kernels 150 "$PY" -m kernels.bench --no-compile --iters 10 --out "$RES"
-want gpu-step && step gpu-step 100 "$PY" benchmarks/gpu_step.py --batch 16 --repeats 8 \
+want gpu-step && step gpu-step 100 "$PY" benchmarks/gpu_step.py --batch 32 --repeats 8 \
   --out "$RES/gpu-step-$card-$day.json"
 want sync-check && step sync-check 90 "$PY" benchmarks/gpu_sync_check.py --steps 6
 # opt-in (not in the default list): does torch.compile of the trunk pay? eager vs compiled, same call
-want gpu-step-compile && step gpu-step-compile 240 "$PY" benchmarks/gpu_step.py --batch 16 --repeats 8 \
+want gpu-step-compile && step gpu-step-compile 240 "$PY" benchmarks/gpu_step.py --batch 32 --repeats 8 \
   --impls triton --compile-trunk --out "$RES/gpu-step-compile-$card-$day.json"
 if want gpu-step-base; then  # the code before issue 12, same script and arguments, same call
   rm -rf /tmp/base && mkdir -p /tmp/base && tar xzf build/base-src.tgz -C /tmp/base \
     && step gpu-step-base 100 env PYTHONPATH=/tmp/base${PYTHONPATH#$PWD} bash -c "cd /tmp/base && \
-      $PY benchmarks/gpu_step.py --batch 16 --repeats 8 --out $RES/gpu-step-base-$card-$day.json" \
+      $PY benchmarks/gpu_step.py --batch 32 --repeats 8 --out $RES/gpu-step-base-$card-$day.json" \
     || result[gpu-step-base]="rc=2 (no build/base-src.tgz carried)"
 fi
 DALI_SITE=${DALI_SITE:-/tmp/site-dali}
 want dali-decode && step dali-decode 150 env PYTHONPATH=$DALI_SITE:$PYTHONPATH \
   "$PY" benchmarks/loader.py --images 200 --workers 4 --batch-size 32 --repeats 2 --out "$RES"
+# issue 12's model-step target: the code before issue 12 profiled exactly like profile-autocast
+# (own data and run roots, so neither tree reads the other's shards); run both in one call
+if want profile-autocast-base; then
+  [ -d /tmp/base/sst_dist ] || { mkdir -p /tmp/base && tar xzf build/base-src.tgz -C /tmp/base; } \
+    && step profile-autocast-base 100 env PYTHONPATH=/tmp/base${PYTHONPATH#$PWD} \
+      SST_DATA_ROOT=$RES/base-data SST_OUTPUT_ROOT=$RES/base-runs bash -c "cd /tmp/base && \
+      $PY -m sst_dist.cli profile ${PROFILE[*]} train.precision=bf16-autocast \
+      output.name=profile-autocast-base --out $RES/profile-autocast-base --steps 8 --profile-steps 2" \
+    || result[profile-autocast-base]="rc=2 (no build/base-src.tgz carried)"
+fi
 # the same step under the three precision recipes, side by side
 for variant in profile:bf16 profile-autocast:bf16-autocast profile-fp32:fp32; do
   name=${variant%%:*}

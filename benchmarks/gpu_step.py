@@ -1,5 +1,8 @@
 """Full SST training step on one device: impl reference vs fused vs triton, side by side.
 
+Also times the backbone-only step (the same trunk forward+backward and Adam step, trivial loss),
+so each full step reads as a multiple of it (issue 12: full step <= 1.15x backbone-only).
+
 Images/s of forward (backbone + heads), both kinds of pseudo labels, bank update, all losses,
 backward and an Adam step, at the COCO shape (ResNet-101, 448, C=80) under bf16 autocast on a
 GPU. The impls run interleaved on the same model and batch, so their ratio is what to read.
@@ -21,21 +24,22 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from heads import post_backbone_loss  # noqa: E402
+from heads import step_loss  # noqa: E402
 
 from sst_dist.model import ModelConfig, SSTModel, cooccurrence_adjacency  # noqa: E402
 from sst_dist.train.batch import trunk_layout  # noqa: E402
 from sst_dist.train.engine_setup import place_model  # noqa: E402
 
 
-def step_seconds(model: SSTModel, opt, images, labels, impl: str, dtype, device) -> float:
+def step_seconds(model: SSTModel, opt, images, labels, impl: str | None, dtype, device) -> float:
+    """Wall seconds of one full step; ``impl=None`` is the backbone-only step (heads.step_loss)."""
     opt.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         X = model.backbone_features(images)
-        loss = post_backbone_loss(model, X.float() if impl == "reference" else X, labels, impl)
+        loss = step_loss(model, X.float() if impl == "reference" else X, labels, impl)
     loss.float().backward()
     opt.step()
     if device.type == "cuda":
@@ -75,8 +79,9 @@ def main() -> None:
     trunks = {"eager": model.backbone.trunk}
     if args.compile_trunk:  # an experiment for issue 12: does compiling the trunk pay on this device?
         trunks["compiled"] = torch.compile(model.backbone.trunk)
-    variants = {impl if trunk == "eager" else f"{impl}+{trunk}": (impl, trunk)
-                for trunk in trunks for impl in args.impls}
+    impls: list[str | None] = [None, *args.impls]  # None: the backbone-only step
+    variants = {(impl or "backbone") + ("" if trunk == "eager" else f"+{trunk}"): (impl, trunk)
+                for trunk in trunks for impl in impls}
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.warmup + args.repeats):
         for v, (impl, trunk) in variants.items():  # interleaved
@@ -88,10 +93,10 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"full SST step on {name}, {args.backbone} at {args.image_size}, B={args.batch}, "
           f"C={args.classes}, {args.precision}; medians of {args.repeats}, interleaved")
-    print(f"{'impl':>18} {'s/step':>9} {'img/s':>9} {'vs reference':>13}")
+    print(f"{'impl':>18} {'s/step':>9} {'img/s':>9} {'vs reference':>13} {'/ backbone':>11}")
     for impl, t in med.items():
         ratio = med["reference"] / t if "reference" in med else float("nan")
-        print(f"{impl:>18} {t:9.4f} {args.batch / t:9.1f} {ratio:12.2f}x")
+        print(f"{impl:>18} {t:9.4f} {args.batch / t:9.1f} {ratio:12.2f}x {t / med['backbone']:10.2f}x")
     out = args.out or f"benchmarks/results/gpu-step-{name.replace(' ', '_')}-{dt.date.today()}.json"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as fh:

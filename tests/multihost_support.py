@@ -1,9 +1,20 @@
 """Shared pieces of the multi-host launcher tests (tests/test_multihost_launchers.py).
 
 Every launcher trains the debug config on 2 hosts x 2 CPU ranks x batch 2 in two legs (epoch 0,
-then ``--resume`` to epoch 1, so the second leg resumes across hosts), and must end where one
-rank with batch 8 ends after two uninterrupted epochs: the loss of every logged step and every
-weight and memory-bank entry within 1e-5.
+then ``--resume`` to epoch 1, so the second leg resumes across hosts), and is compared with two
+runs made on one host, two epochs straight:
+
+- the same 4 ranks x batch 2 (torchrun --standalone): the hosts, the launcher and the resume
+  across hosts must change nothing, so every logged step's loss and every weight, buffer and
+  memory-bank entry agree within TOL = 1e-5;
+- 1 rank x batch 8: the world-size invariance end to end. Here float rounding differs (batch-2
+  against batch-8 kernels, gradients summed over ranks), and over 8 Adam steps a ReLU input
+  within rounding of 0 can flip. Measured 2026-12-06 (torch 2.14.1, Intel Xeon VM): such a flip
+  moved step losses by up to 4.2e-5 and a tensor by up to 7.6 % of its last epoch's movement, the
+  same as 1 rank with ``model.impl=reference`` against ``fused``; per-rank BatchNorm statistics
+  (a real bug) moved losses by 1e-2 to 5e-2 and tensors by 150 %. Hence LOSS_TOL_1RANK and
+  MOVE_TOL_1RANK. The tight 1-rank comparison over single steps is
+  tests/test_world_size_invariance.py's (within 1e-6 / 2e-5).
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import torch
 from launch_support import DEBUG_CONFIG, ROOT, launch_env, tail
 
 TOL = 1e-5
+LOSS_TOL_1RANK, MOVE_TOL_1RANK = 1e-3, 0.25
 PER_RANK_BATCH, RANKS_PER_HOST, REF_BATCH = 2, 2, 8
 README = ROOT / "README.md"
 
@@ -28,15 +40,19 @@ def overrides(tmp: Path, name: str, batch: int, epochs: int) -> list[str]:
             f"train.batch_size={batch}", f"train.epochs={epochs}"]
 
 
-def reference_run(tmp: Path) -> Path:
-    """One rank, batch 8, two epochs straight: what every multi-host run must reproduce. It
-    also generates the synthetic data every later run reads."""
+def reference_runs(tmp: Path) -> tuple[Path, Path]:
+    """(1 rank x batch 8, the same 4 ranks x batch 2 on one host), two epochs straight: what every
+    multi-host run is compared with. The first also generates the data every later run reads."""
     env = launch_env(tmp)
-    cmd = [sys.executable, "-m", "sst_dist.cli", "train", str(DEBUG_CONFIG),
-           *overrides(tmp, "ref", REF_BATCH, 2)]
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"reference run failed:\n{tail(r.stdout + r.stderr)}"
-    return tmp / "runs" / "ref"
+    cfg = str(DEBUG_CONFIG)
+    one = [sys.executable, "-m", "sst_dist.cli", "train", cfg, *overrides(tmp, "ref", REF_BATCH, 2)]
+    same = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={2 * RANKS_PER_HOST}", "-m", "sst_dist.cli", "train", cfg,
+            *overrides(tmp, "ref-same-world", PER_RANK_BATCH, 2)]
+    for cmd in (one, same):
+        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"reference run failed: {cmd}\n{tail(r.stdout + r.stderr)}"
+    return tmp / "runs" / "ref", tmp / "runs" / "ref-same-world"
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
@@ -55,16 +71,25 @@ def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().double() for k, v in model.state_dict().items()}
 
 
-def assert_same_training(run_dir: Path, ref_dir: Path) -> None:
-    """``run_dir`` trained like ``ref_dir``: every logged step's loss and the final state within TOL."""
-    got, want = step_losses(run_dir), step_losses(ref_dir)
-    assert got.keys() == want.keys() and len(want) >= 4, (got, want)
-    assert all(abs(got[k] - want[k]) <= TOL for k in want), f"step losses {got} vs 1 rank {want}"
-    a, b = final_state(run_dir), final_state(ref_dir)
+def assert_same_training(run_dir: Path, refs: tuple[Path, Path]) -> None:
+    """``run_dir`` trained like the same ranks on one host (within TOL) and like 1 rank x batch 8
+    (within the float-event bounds of the module docstring)."""
+    one_rank, same_world = refs
+    got = step_losses(run_dir)
+    for ref, tol in ((same_world, TOL), (one_rank, LOSS_TOL_1RANK)):
+        want = step_losses(ref)
+        assert got.keys() == want.keys() and len(want) >= 4, (got, want)
+        assert all(abs(got[k] - want[k]) <= tol for k in want), f"step losses {got} vs {ref.name} {want}"
+    a, b = final_state(run_dir), final_state(same_world)
     assert a.keys() == b.keys()
     worst = max(((k, (a[k] - b[k]).abs().max().item()) for k in a if a[k].numel()), key=lambda kv: kv[1])
-    assert worst[1] <= TOL, f"{run_dir.name}: {worst[0]} differs from the 1-rank run by {worst[1]:.2e}"
-    moved = max((a[k] - s).abs().max().item() for k, s in epoch1_state(ref_dir).items() if k in a)
+    assert worst[1] <= TOL, f"{run_dir.name}: {worst[0]} differs from {same_world.name} by {worst[1]:.2e}"
+    c, before = final_state(one_rank), epoch1_state(one_rank)
+    for k, s in before.items():  # each tensor within a share of what the last epoch moved it
+        diff, moved = (a[k] - c[k]).norm().item(), (c[k] - s).norm().item()
+        assert diff <= MOVE_TOL_1RANK * moved + TOL, f"{run_dir.name}: {k} differs from 1 rank by " \
+            f"{diff:.2e}, while the last epoch moved it {moved:.2e}"
+    moved = max((a[k] - s).abs().max().item() for k, s in before.items() if k in a)
     assert moved > 100 * TOL, "training did not move the weights: the comparison would prove nothing"
 
 
