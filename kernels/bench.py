@@ -5,7 +5,8 @@ B=8 and 32) it (1) checks the Triton kernel's output and gradients against a flo
 reference, and (2) times, forward and forward+backward: the materialized eager reference, the
 fused PyTorch form (kernels.dispatch backend="torch") eager and under torch.compile, and the Triton
 kernel. It measures the card's ceilings first (a big bf16/fp32 matmul, a big copy) and prints time,
-GB/s, TFLOP/s and their fraction of those ceilings; JSON goes to
+GB/s, TFLOP/s and their fraction of those ceilings, and the profiler's GPU time (time far above it
+means the host, not the kernels, bounds the call); JSON goes to
 benchmarks/results/kernels-<card>-<date>.json.
 
     python -m kernels.bench                 # on a GPU: about 2-4 minutes on an H100
@@ -155,6 +156,21 @@ def timed(fn: Callable[[], object], iters: int, warmup: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
+def device_ms(fn: Callable[[], object], iters: int) -> float | None:
+    """GPU kernel time per call from the profiler (no host time); None off CUDA. Read beside the
+    event-timed ms: ms far above device_ms means the call is bound by the host's work (autograd,
+    dispatch, launches), not by its kernels (docs/performance.md, floors of the Triton heads)."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        sync()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / iters
+
+
 def ceilings(dev, smoke: bool) -> dict:
     """Measured peak-ish numbers of this card: dense matmul TFLOP/s and copy GB/s."""
     n = 256 if smoke else 8192
@@ -249,10 +265,16 @@ def bench_case(case: dict, compile_until: float, iters: int, warmup: int, ceil: 
             except Exception as e:  # a form that fails is reported, not fatal
                 rows[f"{form}/{mode}"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
                 continue
+            try:
+                gpu_ms = device_ms(step, max(1, iters // 2))
+            except Exception as e:  # the profiler is a reading aid: its failure is not the form's
+                print(f"  {form}/{mode}: no device time ({type(e).__name__}: {str(e)[:120]})")
+                gpu_ms = None
             k = 1 if mode == "fwd" else 3  # backward ~ 2x forward work and traffic
             gbps, tflops = k * case["bytes"] / ms / 1e6, k * case["flops"] / ms / 1e9
             rows[f"{form}/{mode}"] = {
                 "ms": ms,
+                "device_ms": gpu_ms,
                 "GBps": gbps,
                 "TFLOPs": tflops,
                 "frac_copy": gbps / ceil["copy_gbps"],
@@ -271,6 +293,7 @@ def report(name: str, dname: str, B: int, chk: dict, rows: dict) -> None:
             print(f"  {k:<24} ERROR {r['error']}")
             continue
         peak = f" peak {r['peak_MiB']:8.0f} MiB" if r["peak_MiB"] is not None else ""
+        peak += f" gpu {r['device_ms']:8.3f} ms" if r.get("device_ms") is not None else ""
         print(
             f"  {k:<24} {r['ms']:9.3f} ms {r['GBps']:8.1f} GB/s ({r['frac_copy']:5.1%}) "
             f"{r['TFLOPs']:7.2f} TFLOP/s ({r['frac_matmul']:5.1%}){peak}",
