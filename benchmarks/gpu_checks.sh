@@ -13,7 +13,8 @@
 #      `git archive f61a274 | gzip > build/base-src.tgz`, carried), beside step 4 in this call;
 #   8. dali-decode: benchmarks/loader.py, DALI mixed decoding vs torchvision nvJPEG at 448 from
 #      640x480 JPEGs, once scripts/device_wheel.sh has installed DALI into $DALI_SITE;
-#   9. gpu-step-compile (opt-in): gpu_step.py with the trunk eager and torch.compile'd, side by side;
+#   9. gpu-step-trunk (opt-in): gpu_step.py with the trunk eager, torch.compile'd and with its frozen
+#      BatchNorms folded into the convolutions, side by side;
 #  10. profile-autocast-base (opt-in): `sst-dist profile` of the code before issue 12 (bf16-autocast,
 #      the COCO shape), to read beside profile-autocast for the model-step and end-to-end targets.
 # Each step has its own time limit, and a failing step does not stop the next.
@@ -68,9 +69,9 @@ want kernels && step kernels 150 "$PY" -m kernels.bench --no-compile --iters 10 
 want gpu-step && step gpu-step 100 "$PY" benchmarks/gpu_step.py --batch 32 --repeats 8 \
   --out "$RES/gpu-step-$card-$day.json"
 want sync-check && step sync-check 90 "$PY" benchmarks/gpu_sync_check.py --steps 6
-# opt-in (not in the default list): does torch.compile of the trunk pay? eager vs compiled, same call
-want gpu-step-compile && step gpu-step-compile 240 "$PY" benchmarks/gpu_step.py --batch 32 --repeats 8 \
-  --impls triton --compile-trunk --out "$RES/gpu-step-compile-$card-$day.json"
+# opt-in (not in the default list): do compiling the trunk or folding its frozen BNs pay? same call
+want gpu-step-trunk && step gpu-step-trunk 240 "$PY" benchmarks/gpu_step.py --batch 32 --repeats 8 \
+  --impls triton --compile-trunk --fold-bn --out "$RES/gpu-step-trunk-$card-$day.json"
 if want gpu-step-base; then  # the code before issue 12, same script and arguments, same call
   rm -rf /tmp/base && mkdir -p /tmp/base && tar xzf build/base-src.tgz -C /tmp/base \
     && step gpu-step-base 100 env PYTHONPATH=/tmp/base${PYTHONPATH#$PWD} bash -c "cd /tmp/base && \

@@ -47,6 +47,29 @@ def step_seconds(model: SSTModel, opt, images, labels, impl: str | None, dtype, 
     return time.perf_counter() - t0
 
 
+def fold_frozen_bn(model: SSTModel) -> tuple[torch.nn.Module, float]:
+    """The trunk with its frozen prefix (the parts that do not train) folded: every eval-mode
+    BatchNorm merged into its convolution by torch.fx's conv-BN fusion, on a copy; the trained
+    parts are the model's own modules. Returns the trunk and the prefix's largest output change
+    on a test batch (folding is exact up to rounding). An experiment for issue 12: the trainer
+    does not fold, because a folded model no longer has the checkpoint's parameters."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    trunk, trained = model.backbone.trunk, set(model.backbone.trainable_parts)
+    names = [n for n, _ in trunk.named_children()]
+    cut = next(i for i, n in enumerate(names) if n in trained)
+    prefix = torch.nn.Sequential(*[getattr(trunk, n) for n in names[:cut]])
+    folded = fuse(copy.deepcopy(prefix).eval())
+    folded.requires_grad_(False)
+    place_model(folded, next(trunk.parameters()).device)
+    x = trunk_layout(torch.randn(2, 3, 128, 128, device=next(trunk.parameters()).device))
+    with torch.no_grad():
+        err = (folded(x) - prefix(x)).abs().max().item()
+    return torch.nn.Sequential(folded, *[getattr(trunk, n) for n in names[cut:]]), err
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="resnet101")
@@ -59,6 +82,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile-trunk", action="store_true",
                    help="also time each impl with torch.compile(trunk) (compiled in the warm-up)")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="also time the trunk with its frozen BatchNorms folded into the convolutions")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -80,6 +105,9 @@ def main() -> None:
     if args.compile_trunk:  # an experiment for issue 12: does compiling the trunk pay on this device?
         trunks["compiled"] = torch.compile(model.backbone.trunk)
     impls: list[str | None] = [None, *args.impls]  # None: the backbone-only step
+    if args.fold_bn:  # an experiment for issue 12: does folding the frozen BatchNorms pay?
+        trunks["folded"], err = fold_frozen_bn(model)
+        print(f"folded frozen prefix: largest output change {err:.2e}")
     variants = {(impl or "backbone") + ("" if trunk == "eager" else f"+{trunk}"): (impl, trunk)
                 for trunk in trunks for impl in impls}
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -96,7 +124,8 @@ def main() -> None:
     print(f"{'impl':>18} {'s/step':>9} {'img/s':>9} {'vs reference':>13} {'/ backbone':>11}")
     for impl, t in med.items():
         ratio = med["reference"] / t if "reference" in med else float("nan")
-        print(f"{impl:>18} {t:9.4f} {args.batch / t:9.1f} {ratio:12.2f}x {t / med['backbone']:10.2f}x")
+        base = med["backbone" + impl[impl.index("+"):] if "+" in impl else "backbone"]  # same trunk
+        print(f"{impl:>18} {t:9.4f} {args.batch / t:9.1f} {ratio:12.2f}x {t / base:10.2f}x")
     out = args.out or f"benchmarks/results/gpu-step-{name.replace(' ', '_')}-{dt.date.today()}.json"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as fh:
