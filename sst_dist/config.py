@@ -261,7 +261,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     try:
         return config_from_dict(apply_overrides(raw, list(overrides or [])))
     except ConfigError as e:
-        raise ConfigError(f"run config {path}: {e}") from None
+        # blame the override when the problem is its key (a typo on the command line is not the file's)
+        m = re.search(r"config key '?([\w.]+?)'?[ :;]", str(e))
+        culprit = next((o for o in overrides or [] if m and o.split("=", 1)[0].strip() == m.group(1)), None)
+        where = f"override {culprit!r} (run config {path})" if culprit else f"run config {path}"
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> Path:

@@ -115,5 +115,6 @@ def check_model_agreement(truth: dict[str, Any], model_cfg: Any, where: str) -> 
         if getattr(model_cfg, key) != truth[key]:
             raise ValueError(
                 f"model.{key}={getattr(model_cfg, key)!r} from {where} disagrees with the checkpoint's "
-                f"model.{key}={truth[key]!r}; it would change the results (drop it or use a matching config)"
+                f"model.{key}={truth[key]!r}; it would change the results (set model.{key}={truth[key]!r} "
+                "or use a matching config)"
             )

@@ -224,6 +224,8 @@ class CheckpointManager:
                 return [p]
             if (p / "checkpoints").is_dir():
                 return CheckpointManager(p, self.keep).candidates()
+            if not p.exists():
+                raise CheckpointError(f"{p} does not exist (give a checkpoint directory or a run directory)")
             raise CheckpointError(f"{p} is neither a checkpoint directory (no meta.json) nor a run directory")
         order = list(reversed(self.complete()))
         target = self._pointer("latest")
@@ -266,7 +268,8 @@ class CheckpointManager:
                 if kind == "unsafe":
                     raise UnsafeCheckpointError(why)
                 damaged.append(why)
-                log.warning("checkpoint %s is damaged: %s; trying the previous one", path, why)
+                more = "trying the previous one" if path != candidates[-1] else "no older checkpoint to try"
+                log.warning("checkpoint %s is damaged: %s; %s", path, why, more)
                 continue
             meta = json.loads((path / "meta.json").read_text())
             with safe_engine_loads(engine, trust):
@@ -275,7 +278,8 @@ class CheckpointManager:
                 )
             if load_path is None:
                 damaged.append(f"DeepSpeed could not load {path}/engine")
-                log.warning("DeepSpeed could not load %s/engine; trying the previous one", path)
+                more = "trying the previous one" if path != candidates[-1] else "no older checkpoint to try"
+                log.warning("DeepSpeed could not load %s/engine; %s", path, more)
                 continue
             sst = load_tensors(path / "sst_state.pt", trust=trust)
             rank_file = path / f"rank_{D.rank():05d}.pt"

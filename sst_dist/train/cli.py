@@ -17,9 +17,10 @@ import os
 import sys
 
 EPILOG = (
-    "exit status: 0 done (or the resumed run had already finished); 2 bad config, run directory "
-    "or checkpoint (e.g. a fresh run into a directory with checkpoints, a run directory in use, "
-    "an unusable --resume-from path, a checkpoint that needs --trust-checkpoint); 3 aborted "
+    "exit status: 0 done (or the resumed run had already finished); 2 bad config, data, run "
+    "directory or checkpoint (e.g. missing shards, train and test splits with other classes, a "
+    "fresh run into a directory with checkpoints, a run directory in use, an unusable "
+    "--resume-from path or train.init_from file, a checkpoint that needs --trust-checkpoint); 3 aborted "
     "(non-finite losses); 75 preempted by SIGUSR1 after a checkpoint (rerun with --resume)"
 )
 
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from data_shards.safe_io import UnsafePathError, atomic_write_text
     from sst_dist.safe_load import UnsafeCheckpointError
     from sst_dist.train.checkpoint import CheckpointError
+    from sst_dist.train.data import DataError
     from sst_dist.train.preemption import EXIT_PREEMPTED, Preempted
     from sst_dist.train.rundir import RunDirError
     from sst_dist.train.trainer import Trainer, TrainingAborted
@@ -84,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         trainer = Trainer(
             cfg, resume=resume, overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint
         )
-    except (RunDirError, CheckpointError, UnsafeCheckpointError, UnsafePathError) as e:
+    except (RunDirError, CheckpointError, DataError, ConfigError, UnsafeCheckpointError,
+            UnsafePathError) as e:
         print(f"sst-dist train: {e}", file=sys.stderr)
         return 2
     try:

@@ -20,6 +20,24 @@ from sst_dist.train import distributed as D
 log = logging.getLogger("sst_dist")
 
 
+class DataError(ValueError):
+    """The run's data cannot be used as configured: missing or damaged shards, a class count or
+    class list that disagrees. A user's input problem: one line and exit status 2."""
+
+
+def check_class_names(expected: list[str], got: list[str], what: str, against: str) -> None:
+    """Raise :class:`DataError` unless ``got`` (the classes of ``what``) equals ``expected``
+    (those of ``against``) in the same order: a permutation would score every class as another."""
+    if list(got) == list(expected):
+        return
+    diff = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+    have = lambda names: repr(names[diff]) if diff < len(names) else "nothing"  # noqa: E731
+    raise DataError(
+        f"{what} has other classes than {against}: {len(got)} vs {len(expected)}, first difference at "
+        f"index {diff} ({have(got)} vs {have(expected)}); convert both with the same class list"
+    )
+
+
 @dataclass
 class RunData:
     """What the trainer needs from the data side (built by :func:`build_data`)."""
@@ -112,7 +130,13 @@ def build_data(cfg: RunConfig, rank: int, world_size: int, device: torch.device)
         dtype=DTYPES[cfg.train.precision],  # images arrive as the step uses them: no second cast
         num_classes=cfg.model.num_classes,
     )
-    train = build_loader(d.root, d.train_split, train=True, batch_size=cfg.train.batch_size, **common)
-    test = build_loader(d.root, d.test_split, train=False, batch_size=cfg.train.batch_size, **common)
+    try:
+        train = build_loader(d.root, d.train_split, train=True, batch_size=cfg.train.batch_size, **common)
+        test = build_loader(d.root, d.test_split, train=False, batch_size=cfg.train.batch_size, **common)
+    except (FileNotFoundError, ValueError) as e:  # shards missing, damaged or of another shape
+        raise DataError(f"data.root={d.root}: {e}") from e
+    names = list(train.shards.info["classes"])
+    check_class_names(names, test.shards.info["classes"], f"test split {d.test_split!r}",
+                      f"train split {d.train_split!r} in data.root={d.root}")
     adjacency = cooccurrence_adjacency(train.shards.partial)
-    return RunData(train, test, adjacency, list(train.shards.info["classes"]))
+    return RunData(train, test, adjacency, names)

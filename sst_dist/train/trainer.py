@@ -118,7 +118,10 @@ class Trainer(CheckpointingMixin):
             from sst_dist.convert import load_converted_into
             # its trunk replaces the pretrained one: do not read (or fetch) weights it overwrites
             model = SSTModel(dataclasses.replace(cfg.model, pretrained=None), data.adjacency)
-            load_converted_into(model, os.path.expanduser(cfg.train.init_from))
+            try:
+                load_converted_into(model, os.path.expanduser(cfg.train.init_from))
+            except (OSError, ValueError) as e:  # unreadable, unsafe, or another model: the user's input
+                raise CheckpointError(f"train.init_from={cfg.train.init_from}: {e}") from e
         else:
             model = SSTModel(cfg.model, data.adjacency)
         model.to(self.device)  # before the BN conversion: it picks torch's SyncBatchNorm on CUDA
