@@ -1,7 +1,9 @@
 """``sst-dist shards ...``: convert COCO / VOC / list / JSONL / synthetic data to shards, verify them.
 
 Each converter writes one split per call (the synthetic one writes train and test), into
-``--out``. Readers import lazily so ``--help`` stays instant.
+``--out``. Readers import lazily so ``--help`` stays instant. Exit statuses (also in every
+``--help``): 0 done; 1 ``verify`` found a problem, or an unexpected error (with a traceback);
+2 bad arguments or input, in one line on stderr naming the file, key or value.
 """
 
 from __future__ import annotations
@@ -14,14 +16,24 @@ from pathlib import Path
 from data_shards.images import DEFAULT_MAX_PIXELS
 from data_shards.safe_io import UnsafePathError
 
+CONVERT_EXIT = ("exit status: 0 success; 2 bad arguments or input (one line on stderr "
+                "naming the file, key or value; an existing split stays as it was and an output folder "
+                "this run created is removed); 1 an unexpected error (a traceback: a bug to report)")
+VERIFY_EXIT = ("exit status: 0 every file matches; 1 a problem was found (one FAIL line on stderr "
+               "each), or an unexpected error (a traceback); 2 bad arguments or a missing shard folder")
+SYNTHETIC_FLAGS = {"n_train": "--n-train", "n_test": "--n-test", "num_classes": "--num-classes",
+                   "image_size": "--image-size", "num_scenes": "--scenes", "difficulty": "--difficulty"}
+
 
 def _common(p: argparse.ArgumentParser, name: str, split_required: bool = True) -> None:
     p.add_argument("--out", required=True, type=Path, help="shard directory to write into")
     p.add_argument("--name", default=name, help=f"dataset name in the shard file names (default {name})")
     if split_required:
         p.add_argument("--split", required=True, help="split name in the shard file names, e.g. train, test")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="image reading/encoding processes (0: in the main process)")
+    workers = min(4, os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=workers,
+                   help=f"image reading/encoding processes (default {workers}: the CPU count, at most 4; "
+                        "0: in the main process)")
     p.add_argument("--shard-bytes", type=float, default=1e9, help="target shard size in bytes (default 1e9)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing split of this name (swapped in once the new one is complete)")
@@ -78,8 +90,10 @@ def _run_jsonl(args: argparse.Namespace) -> int:
 
 def _run_synthetic(args: argparse.Namespace) -> int:
     from data_shards.coco import read_coco
-    from data_shards.synthetic import generate_scenes, generation_params, record_params
+    from data_shards.synthetic import check_generation, generate_scenes, generation_params, record_params
 
+    check_generation(args.n_train, args.n_test, args.num_classes, args.image_size, args.scenes,
+                     args.difficulty, names=SYNTHETIC_FLAGS)  # before anything is written
     raw = args.raw_dir or (args.out / "raw-synthetic")
     paths = generate_scenes(raw, args.n_train, args.n_test, num_classes=args.num_classes,
                             image_size=args.image_size, seed=args.seed, num_scenes=args.scenes,
@@ -96,6 +110,8 @@ def _run_synthetic(args: argparse.Namespace) -> int:
 def _run_verify(args: argparse.Namespace) -> int:
     from data_shards.verify import verify_shards
 
+    if not args.shard_dir.is_dir():
+        raise NotADirectoryError(f"shard folder not found: {args.shard_dir}")
     problems = verify_shards(args.shard_dir, args.split)
     for line in problems:
         print(f"FAIL {line}", file=sys.stderr)
@@ -118,15 +134,19 @@ def _guarded(func):
 
 def register(parser: argparse.ArgumentParser) -> None:
     """Add the ``shards`` sub-subcommands to the ``shards`` parser."""
+    parser.epilog = (f"{CONVERT_EXIT}. verify: {VERIFY_EXIT.removeprefix('exit status: ')}. "
+                     "Each FORMAT's --help lists its options.")
     sub = parser.add_subparsers(dest="shards_command", metavar="FORMAT", required=True)
 
-    p = sub.add_parser("coco", help="COCO instances JSON (pycocotools order, classes by category id)")
+    p = sub.add_parser("coco", epilog=CONVERT_EXIT,
+                       help="COCO instances JSON (pycocotools order, classes by category id)")
     p.add_argument("--annotations", required=True, type=Path, help="instances_*.json")
     p.add_argument("--images", required=True, type=Path, help="directory of the split's images")
     _common(p, "coco")
     p.set_defaults(func=_guarded(_run_coco))
 
-    p = sub.add_parser("voc", help="Pascal VOC 2007 (ImageSets/Main order, difficult objects ignored)")
+    p = sub.add_parser("voc", epilog=CONVERT_EXIT,
+                       help="Pascal VOC 2007 (ImageSets/Main order, difficult objects ignored)")
     p.add_argument("--root", required=True, type=Path,
                    help="VOC2007 directory (Annotations/, ImageSets/, JPEGImages/)")
     p.add_argument("--split", required=True, help="image set to read: trainval or test")
@@ -134,7 +154,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     _common(p, "voc2007", split_required=False)
     p.set_defaults(func=_guarded(_run_voc))
 
-    p = sub.add_parser("list", help="VG-200 style: image list file + JSON image name -> class indices")
+    p = sub.add_parser("list", epilog=CONVERT_EXIT,
+                       help="VG-200 style: image list file + JSON image name -> class indices")
     p.add_argument("--image-list", required=True, type=Path, help="one image name per line (dataset order)")
     p.add_argument("--labels-json", required=True, type=Path, help="JSON {image name: [class indices]}")
     p.add_argument("--images", required=True, type=Path, help="directory the image names are relative to")
@@ -143,7 +164,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     _common(p, "vg200")
     p.set_defaults(func=_guarded(_run_list))
 
-    p = sub.add_parser("jsonl", help='JSON lines {"image": path, "labels": [names or indices]}')
+    p = sub.add_parser("jsonl", epilog=CONVERT_EXIT,
+                       help='JSON lines {"image": path, "labels": [names or indices]}')
     p.add_argument("--jsonl", required=True, type=Path, help="the JSONL file (line order = dataset order)")
     p.add_argument("--classes", required=True, type=Path, help="class names file, one a line")
     p.add_argument("--images", type=Path, default=None,
@@ -151,9 +173,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     _common(p, "jsonl")
     p.set_defaults(func=_guarded(_run_jsonl))
 
-    p = sub.add_parser("synthetic", help="generate synthetic multi-label scenes and shard train + test")
-    p.add_argument("--n-train", type=int, default=2000, help="training images (default 2000)")
-    p.add_argument("--n-test", type=int, default=500, help="test images (default 500)")
+    p = sub.add_parser("synthetic", epilog=CONVERT_EXIT,
+                       help="generate synthetic multi-label scenes and shard train + test")
+    p.add_argument("--n-train", type=int, default=2000, help="training images (default 2000, at least 1)")
+    p.add_argument("--n-test", type=int, default=500,
+                   help="test images (default 500; 0 writes no test split)")
     p.add_argument("--num-classes", type=int, default=12, help="object classes (default 12, at most 120)")
     p.add_argument("--image-size", type=int, default=128, help="square image side in pixels (default 128)")
     p.add_argument("--scenes", type=int, default=4, help="scene types (default 4)")
@@ -166,7 +190,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     _common(p, "synthetic", split_required=False)
     p.set_defaults(func=_guarded(_run_synthetic))
 
-    p = sub.add_parser("verify", help="check every shard's sha256 and size against its _info.json")
+    p = sub.add_parser("verify", epilog=VERIFY_EXIT,
+                       help="check every shard's sha256 and size against its _info.json")
     p.add_argument("shard_dir", type=Path, help="shard directory")
     p.add_argument("--split", default=None, help="only this split (default: all)")
     p.set_defaults(func=_guarded(_run_verify))

@@ -6,8 +6,9 @@ crowd ones included, as in the reference; an image without annotations is all -1
 
 The file is read directly rather than through pycocotools, which silently keeps the last of two
 images or categories with the same id (and so mislabels): here every duplicate id or name, an
-annotation of an unknown image or category, a wrong type or a repeated JSON key is an error
-naming the file and the record.
+annotation of an unknown image or category, two images with the same file (as the JSONL, list
+and VOC converters refuse an image listed twice), a wrong type or a repeated JSON key is an
+error naming the file and the record.
 """
 
 from __future__ import annotations
@@ -60,13 +61,20 @@ def read_coco(annotation_file: str | Path, image_dir: str | Path,
     cat_ids = sorted(names)
     rank = {cid: i for i, cid in enumerate(cat_ids)}
     images, per_image, row = [], [], {}
+    first: dict[Path, tuple[int, int]] = {}  # image path -> (record number, id) of its first use
     for k, img in enumerate(_records(data, "images", ann)):
         where = f"{ann}: images[{k}]"
         img_id = _int_id(img, "id", where)
         if img_id in row:
             raise ValueError(f"{where}: image id {img_id} appears twice (also images[{row[img_id]}])")
         row[img_id] = k
-        images.append(image_under(image_dir, img.get("file_name"), f"{where} (id {img_id})", allow_outside))
+        path = image_under(image_dir, img.get("file_name"), f"{where} (id {img_id})", allow_outside)
+        if path in first:
+            k0, id0 = first[path]
+            raise ValueError(f"{where}: file_name {img.get('file_name')!r} (id {img_id}) is the same "
+                             f"image as images[{k0}] (id {id0})")
+        first[path] = (k, img_id)
+        images.append(path)
         per_image.append(set())
     for k, a in enumerate(_records(data, "annotations", ann)):
         where = f"{ann}: annotations[{k}]"

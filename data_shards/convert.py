@@ -202,6 +202,28 @@ class BadImagesError(ValueError):
                          "Fix them, or pass --bad-images skip to leave them out (counted in _info.json)")
 
 
+def _missing_dirs(path: str | Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing, p = [], Path(path)
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def _remove_created(dirs: list[Path]) -> None:
+    """Remove the folders a failed conversion created, deepest first, while they are empty.
+
+    The writer has already removed its own temporaries; ``rmdir`` refuses a folder holding
+    anything else (something a user put there meanwhile), and then it and its parents stay.
+    """
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
 def convert_split(samples: Iterable[Sample], classes: list[str], out_dir: str | Path, name: str,
                   split: str, num_workers: int = 4, shard_bytes: float = 1e9, overwrite: bool = False,
                   progress: bool = True, total: int | None = None, bad_images: str = "fail",
@@ -212,12 +234,13 @@ def convert_split(samples: Iterable[Sample], classes: list[str], out_dir: str | 
     :class:`BadImagesError` naming all of them and nothing is committed (an older split stays);
     ``"skip"`` leaves them out, renumbers the rest in order and records them in ``_info.json``
     (``skipped_images``: source index, image, reason). Workers only read/encode images; the next
-    chunk is already in flight while the main process writes.
+    chunk is already in flight while the main process writes. If the conversion fails, the
+    output folder (and parents) it created are removed again; a folder that existed is kept.
     """
     from tqdm import tqdm
 
     if bad_images not in ("fail", "skip"):
-        raise ValueError(f"bad_images must be 'fail' or 'skip', got {bad_images!r}")
+        raise ValueError(f"bad_images (--bad-images) must be 'fail' or 'skip', got {bad_images!r}")
     if total is None and hasattr(samples, "__len__"):
         total = len(samples)  # type: ignore[arg-type]
     bar = tqdm(total=total, desc=f"{name}/{split}", unit="img", disable=not progress)
@@ -226,6 +249,7 @@ def convert_split(samples: Iterable[Sample], classes: list[str], out_dir: str | 
     bad: list[dict] = []
     seen = 0
     encode = functools.partial(_encode_or_error, max_pixels=max_pixels)
+    created = _missing_dirs(out_dir)
     try:
         with ShardWriter(out_dir, name, split, classes, shard_bytes=shard_bytes, overwrite=overwrite) as w:
             pending = None  # (chunk, async result) submitted but not yet written
@@ -253,6 +277,9 @@ def convert_split(samples: Iterable[Sample], classes: list[str], out_dir: str | 
             if bad:
                 w.extra_info = {"num_skipped": len(bad), "skipped_images": bad}
             info = w.close()
+    except BaseException:
+        _remove_created(created)
+        raise
     finally:
         bar.close()
         if pool is not None:

@@ -45,7 +45,8 @@ def check_size(width: int, height: int, max_pixels: int, where: str) -> None:
         raise ValueError(f"image {where}: empty size {width}x{height}")
     if width * height > max_pixels:
         raise ValueError(f"image {where}: {width}x{height} = {width * height} pixels is over the limit of "
-                         f"{max_pixels} (a decompression bomb or a huge scan; raise max_pixels to allow it)")
+                         f"{max_pixels} (a decompression bomb or a huge scan; to allow it, raise the limit: "
+                         "--max-pixels of sst-dist shards, max_pixels in Python)")
 
 
 def open_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, where: str | None = None):

@@ -33,11 +33,14 @@ def read_list(image_list: str | Path, labels_json: str | Path, image_dir: str | 
     if class_names is not None:
         classes = read_class_names(class_names)
         if num_classes is not None and num_classes != len(classes):
-            raise ValueError(f"num_classes={num_classes} but {class_names} lists {len(classes)} names")
+            raise ValueError(f"--num-classes (num_classes) is {num_classes} but the class names file "
+                             f"{class_names} lists {len(classes)} names")
     elif num_classes is not None and num_classes > 0:
         classes = [f"class_{i}" for i in range(num_classes)]
     else:
-        raise ValueError("give class_names (a names file) or a positive num_classes")
+        got = "" if num_classes is None else f" (got --num-classes {num_classes})"
+        raise ValueError("no class names: pass --classes FILE (one name a line) or a positive "
+                         f"--num-classes N{got}; from Python, class_names or num_classes")
     mapping = load_json(read_text(json_path), str(json_path))
     if not isinstance(mapping, dict):
         raise ValueError(f"{json_path}: expected a JSON object image name -> class indices")
@@ -47,13 +50,14 @@ def read_list(image_list: str | Path, labels_json: str | Path, image_dir: str | 
         if not name:
             continue
         where = f"{list_path}:{lineno}"
-        if name in first_line:
-            raise ValueError(f"{where}: image {name!r} already on line {first_line[name]}")
-        first_line[name] = lineno
+        image = image_under(image_dir, name, where, allow_outside)
+        if image in first_line:  # the same file, however spelled ("a.jpg", "./a.jpg")
+            raise ValueError(f"{where}: image {name!r} already on line {first_line[image]}")
+        first_line[image] = lineno
         if name not in mapping:
             raise ValueError(f"{where}: {json_path} has no labels for image {name!r}")
         names.append(name)
-        images.append(image_under(image_dir, name, where, allow_outside))
+        images.append(image)
         per_image.append(class_indices(mapping[name], len(classes), f"{json_path}: image {name!r}"))
     if not names:
         raise ValueError(f"{list_path}: no image names")

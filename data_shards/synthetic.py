@@ -230,20 +230,37 @@ def _render_job(args: tuple) -> tuple[bytes, list]:
     return render_image(*args)
 
 
+def check_generation(n_train: int, n_test: int, num_classes: int, image_size: int, num_scenes: int,
+                     difficulty: str, names: dict[str, str] | None = None) -> None:
+    """ValueError for settings :func:`generate_scenes` refuses, naming the setting as ``names``
+    spells it (the CLI passes its flags, e.g. ``{"n_train": "--n-train"}``)."""
+    def n(key: str) -> str:
+        return (names or {}).get(key, key)
+
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"{n('difficulty')} must be one of {DIFFICULTIES}, got {difficulty!r}")
+    if not 2 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"{n('num_classes')} must be in [2, {MAX_CLASSES}], got {num_classes}")
+    if not 1 <= num_scenes <= num_classes:
+        raise ValueError(f"{n('num_scenes')} must be in [1, {n('num_classes')}={num_classes}], "
+                         f"got {num_scenes}")
+    if image_size < 32:
+        raise ValueError(f"{n('image_size')} must be >= 32, got {image_size}")
+    if n_train < 1:
+        raise ValueError(f"{n('n_train')} must be >= 1 (the training split cannot be empty), got {n_train}")
+    if n_test < 0:
+        raise ValueError(f"{n('n_test')} must be >= 0 (0: no test split), got {n_test}")
+
+
 def generate_scenes(out_dir: str | Path, n_train: int, n_test: int, num_classes: int = 12,
                     image_size: int = 128, seed: int = 0, num_scenes: int = 4,
                     num_workers: int = 0, difficulty: str = "easy") -> dict[str, tuple[Path, Path]]:
-    """Write both splits; returns {split: (instances JSON path, image directory)}."""
-    if difficulty not in DIFFICULTIES:
-        raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
-    if not 2 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes must be in [2, {MAX_CLASSES}], got {num_classes}")
-    if not 1 <= num_scenes <= num_classes:
-        raise ValueError(f"num_scenes must be in [1, num_classes={num_classes}], got {num_scenes}")
-    if image_size < 32:
-        raise ValueError(f"image_size must be >= 32, got {image_size}")
-    if n_train < 0 or n_test < 0:
-        raise ValueError(f"n_train and n_test must be >= 0, got {n_train}, {n_test}")
+    """Write both splits; returns {split: (instances JSON path, image directory)}.
+
+    ``n_train`` must be at least 1; ``n_test`` may be 0 (the test annotation file then lists no
+    images, and ``sst-dist shards synthetic`` writes no test split).
+    """
+    check_generation(n_train, n_test, num_classes, image_size, num_scenes, difficulty)
     out = Path(out_dir)
     scenes = scene_classes(num_classes, num_scenes, seed)
     categories = [{"id": k + 1, "name": name, "supercategory": "shape"}

@@ -55,18 +55,19 @@ def read_voc(root: str | Path, split: str, allow_outside: bool = False) -> Label
     if not list_file.is_file():
         raise FileNotFoundError(f"VOC image-set file not found: {list_file}")
     index = {c: i for i, c in enumerate(VOC_CLASSES)}
-    first_line: dict[str, int] = {}
+    first_line: dict[Path, int] = {}
     images, per_image = [], []
     for lineno, line in enumerate(read_text(list_file).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{list_file}:{lineno}"
         name = line.split()[0]
-        if name in first_line:
-            raise ValueError(f"{where}: image {name!r} already on line {first_line[name]}")
-        first_line[name] = lineno
+        image = image_under(root / "JPEGImages", f"{name}.jpg", where, allow_outside)
+        if image in first_line:  # the same image, however spelled ("000005", "./000005")
+            raise ValueError(f"{where}: image {name!r} already on line {first_line[image]}")
+        first_line[image] = lineno
         xml = image_under(root / "Annotations", f"{name}.xml", where, allow_outside)
         per_image.append(_classes_of(xml, index))
-        images.append(image_under(root / "JPEGImages", f"{name}.jpg", where, allow_outside))
+        images.append(image)
     labels = labels_from_indices(per_image, len(VOC_CLASSES), str(list_file))
     return LabeledSplit(list(VOC_CLASSES), images, labels)

@@ -96,13 +96,13 @@ class ShardWriter:
 
     def __init__(self, out_dir: str | Path, name: str, split: str, class_names: list[str],
                  shard_bytes: float = 1e9, overwrite: bool = False):
-        for arg, value in (("name", name), ("split", split)):
+        for what, value in (("dataset name (--name)", name), ("split name", split)):
             if not isinstance(value, str) or not fmt.WORD.fullmatch(value):
-                raise ValueError(f"{arg} must be a plain name of letters, digits and _, got {value!r}")
+                raise ValueError(f"{what} must be a plain name of letters, digits and _, got {value!r}")
         if not class_names or len(set(class_names)) != len(class_names):
             raise ValueError(f"class_names must be non-empty and unique, got {list(class_names)!r}")
         if shard_bytes <= 0:
-            raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
+            raise ValueError(f"shard_bytes (--shard-bytes) must be positive, got {shard_bytes}")
         self.out_dir = ensure_own_dir(out_dir)
         self.name, self.split = name, split
         self.classes = [str(c) for c in class_names]
@@ -220,8 +220,9 @@ class ShardWriter:
         last = -1
         if info_file.exists() or info_file.is_symlink():
             if not overwrite:
-                raise FileExistsError(f"{self.out_dir} already holds the split {info_file.name}; "
-                                      "pass overwrite=True (--overwrite) to replace it")
+                raise FileExistsError(f"{self.out_dir} already holds split {self.split!r} of dataset "
+                                      f"{self.name!r} ({info_file.name}); pass --overwrite to replace it "
+                                      "(overwrite=True in Python)")
             try:
                 old = fmt.load_info(info_file)
             except ValueError:
@@ -251,8 +252,8 @@ class ShardWriter:
                 last = max(last, number)
         if leftovers and not overwrite:
             raise FileExistsError(f"{self.out_dir} holds {stem}* files of no committed split "
-                                  f"({sorted(leftovers)[:3]}...); pass overwrite=True (--overwrite) "
-                                  "to replace them")
+                                  f"({sorted(leftovers)[:3]}...); pass --overwrite to replace them "
+                                  "(overwrite=True in Python)")
         return old_files, last + 1
 
     def _write_tmp(self, final: str, data: bytes) -> str:
