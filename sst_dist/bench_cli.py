@@ -26,7 +26,15 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
 }
 
 
+EXIT_STATUSES = """exit status:
+  0  the benchmark ran and finished
+  2  NAME unknown, or the benchmarks are not there (not a source checkout): one line on stderr
+  *  otherwise the benchmark script's own exit status (2 for its argument errors, 1 for a crash)"""
+
+
 def register(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXIT_STATUSES
     parser.add_argument(
         "name",
         choices=sorted(BENCHMARKS),

@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("sst_dist.train.predict_cli", "print each image's labels and scores as JSON"),
     "shards": ("data_shards.cli", "convert a dataset to WebDataset shards"),
     "convert-checkpoint": ("sst_dist.convert", "import a checkpoint of the reference SST code"),
-    "bench": ("sst_dist.bench_cli", "run a benchmark (heads, step, loader, kernels, suite)"),
+    "bench": ("sst_dist.bench_cli", "run a benchmark (heads, step, loader, kernels, suite, accuracy)"),
     "profile": ("sst_dist.profile", "throughput profile of a run config"),
 }
 

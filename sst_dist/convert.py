@@ -71,6 +71,8 @@ def _read(
         obj: Any = path_or_dict
     else:
         path = os.fspath(path_or_dict)
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a directory, not a reference checkpoint file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"reference checkpoint not found: {path!r}")
         obj = load_tensors(path, trust=trust_pickle)
@@ -190,6 +192,8 @@ def read_converted(
     model_config then). Read as tensors only unless ``trust``; one-line errors name the file.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not a converted checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"converted checkpoint {path} does not exist")
     payload = load_tensors(path, trust=trust)
@@ -244,8 +248,11 @@ def _run(args: argparse.Namespace) -> int:
     """Convert, prove the result loads, write it (never over an existing file); exit 2 on bad input."""
     try:
         _refuse_existing(args.output)
-        state, info = convert_reference_checkpoint(args.input, trust_pickle=args.trust_checkpoint)
-        model = build_model(state, info)  # proves the result loads; fills the (empty) memory bank
+        try:
+            state, info = convert_reference_checkpoint(args.input, trust_pickle=args.trust_checkpoint)
+            model = build_model(state, info)  # proves the result loads; fills the (empty) memory bank
+        except ValueError as e:  # about IN: make sure the line names it
+            raise ValueError(str(e) if args.input in str(e) else f"{args.input}: {e}") from None
         payload = {"model": model.state_dict(), "model_config": info["model_config"], "info": info}
         buf = io.BytesIO()
         torch.save(payload, buf)
@@ -276,8 +283,10 @@ def _umask() -> int:
 
 EXIT_STATUSES = """exit status:
   0  converted; OUT holds {'model': state_dict, 'model_config': {...}, 'info': {...}} (mode 0644)
-  2  bad input: missing or unreadable IN, pickled objects without --trust-checkpoint, not a
-     reference SST state dict, or OUT already exists (one line on stderr)"""
+  2  bad input: missing or unreadable IN, IN not a torch checkpoint (checked before anything is
+     unpickled, with or without --trust-checkpoint), pickled objects without
+     --trust-checkpoint, not a reference SST state dict, or OUT already exists (one line on
+     stderr naming the file)"""
 
 
 def register(parser: argparse.ArgumentParser) -> None:

@@ -18,8 +18,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+EXIT_STATUSES = """exit status:
+  0  profiled: rank 0 printed the table and wrote OUT/profile.json (other ranks: their rank file)
+  1  an unexpected failure while profiling (with a traceback)
+  2  bad input: a missing or invalid config or override, a bad --modes/--steps/--warmup/
+     --profile-steps value, an unreadable --baseline (one line on stderr)"""
+
 
 def register(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXIT_STATUSES
     parser.add_argument("config", help="run config YAML (see launch/configs/)")
     parser.add_argument(
         "overrides", nargs="*", metavar="key.sub=value", help="config overrides, as for train"

@@ -6,9 +6,16 @@ Prints output shapes, a few loss-free sanity numbers (finite outputs, gradient n
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
+
+from sst_dist.model.config import BACKBONES
+
+# the trunk's stride 32 times the neck's 2x2 pool: smaller images leave no spatial position
+MIN_IMAGE_SIZE = 64
 
 
 def run_smoke(
@@ -54,7 +61,26 @@ def run_smoke(
     }
 
 
+def _device_problem(device: str, impl: str) -> str | None:
+    """Why ``--device``/``--impl`` cannot run here (one line), or None."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        return f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: no CUDA device is available here (use --device cpu)"
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here"
+    if impl == "triton" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "--impl triton needs a CUDA --device (or TRITON_INTERPRET=1 for the CPU interpreter)"
+    return None
+
+
 def _run(args: argparse.Namespace) -> int:
+    problem = _device_problem(args.device, args.impl)
+    if problem:
+        print(f"sst-dist smoke: {problem}", file=sys.stderr)
+        return 2
     stats = run_smoke(args.backbone, args.classes, args.batch_size, args.image_size, args.impl, args.device)
     print(
         f"smoke: backbone={args.backbone} C={args.classes} B={args.batch_size} "
@@ -67,12 +93,54 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+EXIT_STATUSES = """exit status:
+  0  smoke: OK (finite outputs, every trainable parameter got a finite gradient)
+  1  smoke: FAILED (non-finite values or parameters without gradient): the install is broken
+  2  bad arguments: an unknown backbone or impl, a size out of range, a device that is not
+     available (one line on stderr)"""
+
+
+def _at_least(low: int):
+    """argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def register(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``sst-dist smoke``."""
-    parser.add_argument("--backbone", default="resnet18", help="resnet18|resnet34|resnet50|resnet101")
-    parser.add_argument("--classes", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--impl", default="fused", choices=("reference", "fused", "triton"))
-    parser.add_argument("--device", default="cpu")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXIT_STATUSES
+    parser.add_argument(
+        "--backbone",
+        default="resnet18",
+        choices=list(BACKBONES),
+        metavar="NAME",
+        help=f"trunk: {', '.join(BACKBONES)} (default resnet18)",
+    )
+    parser.add_argument(
+        "--classes", type=_at_least(2), default=20, help="number of labels, >= 2 (default 20)"
+    )
+    parser.add_argument("--batch-size", type=_at_least(1), default=2, help="random images (default 2)")
+    parser.add_argument(
+        "--image-size",
+        type=_at_least(MIN_IMAGE_SIZE),
+        default=224,
+        help=f"image side in pixels, >= {MIN_IMAGE_SIZE} (default 224)",
+    )
+    parser.add_argument(
+        "--impl",
+        default="fused",
+        choices=("reference", "fused", "triton"),
+        help="head implementation (default fused; triton needs a CUDA device)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     parser.set_defaults(func=_run)

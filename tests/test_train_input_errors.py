@@ -71,12 +71,23 @@ def test_train_and_test_splits_with_other_class_lists_exit_2(capsys, tmp_path):
     assert not list((tmp_path / "runs" / "r").glob("checkpoints/*")), "it trained anyway"
 
 
-def test_same_class_lists_train(capsys, tmp_path):
-    """The control of the test above: the same shards with one class list train (exit 0)."""
-    data = _shards(tmp_path)
+def test_same_class_lists_train_and_eval_refuses_other_classes(capsys, tmp_path):
+    """The control of the test above (one class list trains), then ``eval`` of that run on a test
+    split with the classes in another order: exit 2 with one line, not a meaningless mAP."""
+    from sst_dist.cli import main
+
+    data = _shards(tmp_path / "same")
     rc, lines, err = _train(capsys, tmp_path, f"data.root={data}", "data.synthetic.enabled=false",
                             "model.num_classes=4", "train.batch_size=4")
     assert rc == 0, err[-3000:]
+    other = _shards(tmp_path / "other", test_classes=["delta", "gamma", "beta", "alpha"])
+    run = tmp_path / "runs" / "r"
+    for root, want in ((data, 0), (other, 2)):
+        capsys.readouterr()
+        rc = main(["eval", str(run), f"data.root={root}", "--out", str(tmp_path / f"eval{want}")])
+        err = capsys.readouterr().err
+        assert rc == want, err[-3000:]
+    assert "other classes" in err and "Traceback" not in err, err[-3000:]
 
 
 def test_unusable_init_from_exit_2_naming_it(capsys, tmp_path):

@@ -41,9 +41,20 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of the run config")
     parser.add_argument(
-        "--out", type=Path, default=None, help="where to write ap_*.json/png (default: beside the checkpoint)"
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for ap_<checkpoint>_<split>.json/png (default: inside the checkpoint directory "
+        "itself, e.g. RUN/checkpoints/epoch_0003/; for a converted file, the directory holding it; "
+        "training's own per-epoch evaluations are in RUN/eval/)",
     )
-    parser.add_argument("--max-batches", type=int, default=0, help="evaluate only this many batches per rank")
+    parser.add_argument(
+        "--max-batches",
+        type=_non_negative,
+        default=0,
+        metavar="N",
+        help="evaluate only the first N batches per rank (default 0: all batches)",
+    )
     parser.add_argument(
         "--trust-checkpoint",
         action="store_true",
@@ -51,6 +62,17 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
+
+
+def _non_negative(text: str) -> int:
+    """argparse type of ``--max-batches``: an integer >= 0 (0 means every batch)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: all batches), got {value}")
+    return value
 
 
 def _fail(e: BaseException) -> int:
@@ -64,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from data_shards.loaders import build_loader
     from data_shards.safe_io import UnsafePathError
     from sst_dist.train import distributed as D
+    from sst_dist.train.data import check_class_names
     from sst_dist.train.evaluate import evaluate_model
     from sst_dist.train.inference import load_for_inference
     from sst_dist.train.logging_utils import setup_logging
@@ -99,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
             backend=d.backend,
             num_classes=cfg.model.num_classes,
         )
+        if meta.get("class_names"):  # scoring against other classes would give a meaningless mAP
+            check_class_names(meta["class_names"], loader.shards.info["classes"],
+                              f"test split {d.test_split!r} in data.root={d.root}",
+                              "the checkpoint's training data")
     except (FileNotFoundError, ValueError) as e:
         return _fail(e)
     ckpt: Path = meta["checkpoint"]

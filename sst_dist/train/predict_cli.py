@@ -6,13 +6,17 @@ is read as the 8-bit RGB picture a viewer shows (``data_shards.images.open_rgb``
 orientation, transparency on white, 16-bit scaled, a pixel limit against decompression bombs)
 and gets the loaders' own evaluation transform (``data_shards.loaders.augment.eval_tensor``).
 An image that cannot be read is reported on stderr and skipped; the others are still predicted.
-A label is predicted where its logit >= ``--threshold`` (0 = probability 0.5, the protocol's rule).
+The printed scores are probabilities (the sigmoid of each logit); ``--threshold`` applies to the
+logits: a label is predicted where its logit >= THRESHOLD, i.e. its score >= sigmoid(THRESHOLD)
+(default 0: score >= 0.5, the protocol's rule).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +25,10 @@ import torch
 
 EXIT_STATUSES = """exit status:
   0  every image predicted
-  2  bad input: a missing/damaged/unsafe checkpoint or config (nothing predicted), or at least
-     one image could not be read (each named on stderr; every other image was still predicted)"""
+  2  bad input: a bad argument (e.g. a non-finite --threshold) or a missing/damaged/unsafe
+     checkpoint or config (nothing predicted), or at least one image (a missing, non-image or
+     damaged file, a directory) could not be read (each named on stderr; every other image was
+     still predicted)"""
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:
@@ -30,7 +36,37 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
     from data_shards.images import open_rgb
     from data_shards.loaders.augment import eval_tensor
 
-    return eval_tensor(open_rgb(path), size)
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not an image file")
+    try:
+        return eval_tensor(open_rgb(path), size)
+    except ValueError as e:
+        if _unidentified(e):
+            raise ValueError(f"{path}: not an image file (no image format recognised)") from None
+        # PIL names the in-memory buffer it was given, not the file: put the path there
+        raise ValueError(_BUFFER.sub(str(path), str(e))) from None
+
+
+_BUFFER = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def _unidentified(e: BaseException) -> bool:
+    """True when PIL recognised no image format in the file (its UnidentifiedImageError)."""
+    from PIL import UnidentifiedImageError
+
+    return isinstance(e.__cause__, UnidentifiedImageError)
+
+
+def _finite_float(text: str) -> float:
+    """argparse type of ``--threshold``: a finite number (nan/inf would predict nothing or all)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -40,10 +76,16 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint", help="run directory, checkpoint directory, best/latest pointer or converted file"
     )
-    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("images", nargs="+", help="image files (a directory is reported, not searched)")
     parser.add_argument("--config", default=None, help="run config to take data settings from (optional)")
-    parser.add_argument("--threshold", type=float, default=0.0, help="logit threshold for a predicted label")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--threshold",
+        type=_finite_float,
+        default=0.0,
+        help="a label is predicted where its logit >= THRESHOLD, i.e. its printed score (the sigmoid "
+        "probability) >= sigmoid(THRESHOLD); default 0.0 = score >= 0.5",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument(
         "--trust-checkpoint",
         action="store_true",
