@@ -111,3 +111,32 @@ def test_resume_from_says_what_is_wrong_with_the_path(capsys, tmp_path, what):
         path.write_text("x")
     rc, lines, err = _train(capsys, tmp_path, f"data.root={tmp_path / 'data'}", "--resume-from", str(path))
     _one_clear_line(rc, lines, err, str(path), "does not exist" if what == "missing" else "neither")
+
+
+def test_a_data_problem_on_rank_0_stops_every_rank(tmp_path):
+    """Two ranks, synthetic shards made with other settings: rank 0 finds the mismatch while
+    preparing the data; rank 1 must exit 2 too (before, it waited for rank 0 at a barrier)."""
+    import subprocess
+    import sys
+
+    from launch_support import free_port, rank_env
+
+    from sst_dist.config import load_config
+    from sst_dist.train.data import ensure_synthetic
+
+    small = ["data.synthetic.num_train=8", "data.synthetic.num_test=4", "data.synthetic.image_size=32"]
+    ensure_synthetic(load_config(DEBUG, [f"data.root={tmp_path / 'data'}", *small]))
+    port, procs = free_port(), []
+    args = ["-m", "sst_dist.cli", "train", str(DEBUG), f"data.root={tmp_path / 'data'}", *small,
+            "data.synthetic.num_train=9", f"output.root={tmp_path / 'runs'}", "output.name=r"]
+    for rank in range(2):
+        procs.append(subprocess.Popen([sys.executable, *args], env=rank_env(rank, 2, port), cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], outs
+    assert "n_train" in outs[0] and "rank 0 could not prepare the data" in outs[1], outs
+    assert not any("Traceback" in o for o in outs), outs

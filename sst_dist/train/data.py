@@ -52,62 +52,77 @@ def ensure_synthetic(cfg: RunConfig) -> None:
     """Rank 0 generates and converts the synthetic scenes when ``data.synthetic.enabled`` and absent.
 
     Existing shards are reused only if their recorded generation parameters (``synthetic.json``)
-    match the config; otherwise a one-line ValueError names the file and the differing key.
+    match the config; otherwise a one-line ConfigError names the file and the differing key. A
+    failure on rank 0 is broadcast, so every rank raises it instead of waiting for rank 0.
     """
-    from data_shards import format as fmt
-    from data_shards import synthetic as synth
-
     s, root = cfg.data.synthetic, Path(cfg.data.root)
     if not s.enabled:
         return
+    problem = None
     if D.rank() == 0:
-        params = synth.generation_params(s.num_train, s.num_test, s.num_classes, s.image_size, s.seed,
-                                         min(4, s.num_classes), s.difficulty)
-        have = all(
-            list(root.glob(f"*-{split}-_info.json")) for split in (cfg.data.train_split, cfg.data.test_split)
-        )
-        if have:
-            try:
-                synth.check_params(root, params)
-            except ValueError as e:  # the config asks for other data than data.root holds
-                raise ConfigError(f"data.synthetic: {e}") from None
-        else:
-            from data_shards.coco import read_coco
-            from data_shards.convert import convert_labeled
+        try:
+            _prepare_synthetic(cfg, s, root)
+        except Exception as e:  # every rank must hear of it, or the others wait for rank 0 forever
+            problem = ("config" if isinstance(e, ConfigError) else "data", str(e))
+            D.broadcast_object(problem)
+            raise
+    problem = D.broadcast_object(problem)
+    if problem is not None:
+        kind, why = problem
+        raise (ConfigError if kind == "config" else DataError)(f"rank 0 could not prepare the data: {why}")
 
-            log.info(
-                "generating synthetic scenes (%d train, %d test, %d classes, %dpx, %s) in %s",
-                s.num_train,
-                s.num_test,
-                s.num_classes,
-                s.image_size,
-                s.difficulty,
+
+def _prepare_synthetic(cfg: RunConfig, s: Any, root: Path) -> None:
+    """Rank 0's part of :func:`ensure_synthetic`: check or generate and convert the scenes."""
+    from data_shards import format as fmt
+    from data_shards import synthetic as synth
+
+    params = synth.generation_params(s.num_train, s.num_test, s.num_classes, s.image_size, s.seed,
+                                     min(4, s.num_classes), s.difficulty)
+    have = all(
+        list(root.glob(f"*-{split}-_info.json")) for split in (cfg.data.train_split, cfg.data.test_split)
+    )
+    if have:
+        try:
+            synth.check_params(root, params)
+        except ValueError as e:  # the config asks for other data than data.root holds
+            raise ConfigError(f"data.synthetic: {e}") from None
+    else:
+        from data_shards.coco import read_coco
+        from data_shards.convert import convert_labeled
+
+        log.info(
+            "generating synthetic scenes (%d train, %d test, %d classes, %dpx, %s) in %s",
+            s.num_train,
+            s.num_test,
+            s.num_classes,
+            s.image_size,
+            s.difficulty,
+            root,
+        )
+        paths = synth.generate_scenes(
+            root / "raw-synthetic",
+            s.num_train,
+            s.num_test,
+            num_classes=s.num_classes,
+            image_size=s.image_size,
+            seed=s.seed,
+            num_scenes=min(4, s.num_classes),
+            difficulty=s.difficulty,
+        )
+        for split, (ann, images) in paths.items():
+            out_split = cfg.data.train_split if split == "train" else cfg.data.test_split
+            convert_labeled(
+                read_coco(ann, images),
                 root,
+                "synthetic",
+                out_split,
+                num_workers=0,
+                progress=False,
+                overwrite=True,
             )
-            paths = synth.generate_scenes(
-                root / "raw-synthetic",
-                s.num_train,
-                s.num_test,
-                num_classes=s.num_classes,
-                image_size=s.image_size,
-                seed=s.seed,
-                num_scenes=min(4, s.num_classes),
-                difficulty=s.difficulty,
-            )
-            for split, (ann, images) in paths.items():
-                out_split = cfg.data.train_split if split == "train" else cfg.data.test_split
-                convert_labeled(
-                    read_coco(ann, images),
-                    root,
-                    "synthetic",
-                    out_split,
-                    num_workers=0,
-                    progress=False,
-                    overwrite=True,
-                )
-            synth.record_params(root, params)
-        fmt.find_info(root, cfg.data.train_split)
-    D.barrier()
+        synth.record_params(root, params)
+    fmt.find_info(root, cfg.data.train_split)
 
 
 def build_data(cfg: RunConfig, rank: int, world_size: int, device: torch.device):  # -> RunData
