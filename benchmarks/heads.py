@@ -251,7 +251,7 @@ def report(res: dict, full: dict | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=os.environ.get("SST_BENCH_PROG"), description=__doc__.splitlines()[0])
     p.add_argument("--classes", type=int, default=80)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--spatial", type=int, default=49, help="S = number of feature-map positions")

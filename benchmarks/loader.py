@@ -125,7 +125,7 @@ def time_loader(make, epochs: int) -> tuple[float, float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog=os.environ.get("SST_BENCH_PROG"), description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch-size", type=int, default=16)

@@ -172,7 +172,7 @@ def markdown(rows: list[dict[str, Any]], extra: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=os.environ.get("SST_BENCH_PROG"), description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every launch")
     p.add_argument("--config", default=str(DEBUG_CONFIG))
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])

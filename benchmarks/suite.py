@@ -165,7 +165,7 @@ def render(part: str, rec: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=os.environ.get("SST_BENCH_PROG"), description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes: a sanity pass in a few minutes")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma list of parts ({', '.join(PARTS)})")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     timeout = args.timeout or (900.0 if args.quick else 3600.0)
     scratch = Path(tempfile.mkdtemp(prefix="sst-suite-"))
     env = dict(os.environ)
+    env.pop("SST_BENCH_PROG", None)  # the benchmarks it runs name themselves
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("SST_DATA_ROOT", str(scratch / "data"))
     if args.threads > 0:

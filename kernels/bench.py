@@ -308,7 +308,7 @@ def card_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=os.environ.get("SST_BENCH_PROG"), description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 1 iteration (CPU interpreter ok)")
     p.add_argument("--batches", default=None, help="comma list of B (default 8,32; smoke 3)")
     p.add_argument("--dtypes", default="float32,bfloat16")

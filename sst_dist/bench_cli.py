@@ -67,4 +67,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["SST_BENCH_PROG"] = f"sst-dist bench {args.name}"  # the script's usage line names this command
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode

@@ -237,3 +237,11 @@ def test_top_level_help_lists_every_benchmark(capsys):
 def test_help_documents_exit_statuses(capsys, command):
     text = _help(capsys, command)
     assert "exit status:" in text and "  2  " in text, text
+
+
+def test_bench_script_usage_names_the_command(capfd):
+    """``sst-dist bench heads --help`` prints the script's options under the command's name."""
+    from sst_dist.cli import main
+
+    assert main(["bench", "heads", "--help"]) == 0
+    assert capfd.readouterr().out.startswith("usage: sst-dist bench heads "), "usage line"
