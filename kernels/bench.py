@@ -159,7 +159,7 @@ def timed(fn: Callable[[], object], iters: int, warmup: int) -> float:
 def device_ms(fn: Callable[[], object], iters: int) -> float | None:
     """GPU kernel time per call from the profiler (no host time); None off CUDA. Read beside the
     event-timed ms: ms far above device_ms means the call is bound by the host's work (autograd,
-    dispatch, launches), not by its kernels (docs/performance.md, floors of the Triton heads)."""
+    dispatch, launches), not by its kernels (docs/gpu-step.md, floors of the Triton heads)."""
     if not torch.cuda.is_available():
         return None
     from torch.profiler import ProfilerActivity, profile

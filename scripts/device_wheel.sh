@@ -7,7 +7,7 @@
 #   device:  scripts/device_wheel.sh install         -> joins the pieces, checks the wheel's sha256,
 #                                                       installs it (--no-deps) into $DALI_SITE
 # build/ is git-ignored, so each device call names its piece in `carry`; the call sequence is in
-# docs/performance.md ("DALI on the device"). Bad input exits 2 with one line.
+# docs/gpu-step.md ("A device session, step by step"). Bad input exits 2 with one line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=build/dali-wheel
