@@ -201,4 +201,16 @@ MUTATIONS: list[Mutation] = [
         "    if True:",
         ["tests/test_ci_skips.py"],
     ),
+    Mutation(
+        "gpu-checks-pack-at-end", "device checks", "gpu_checks.sh packs its results only after the last step",
+        "benchmarks/gpu_checks.sh",
+        '  "run_${name//-/_}"\n  pack\ndone\n', '  "run_${name//-/_}"\ndone\npack\n',
+        ["tests/test_gpu_checks_script.py", "-k", "killed"],
+    ),
+    Mutation(
+        "gpu-checks-budget-ignored", "device checks", "gpu_checks.sh lets a step run past the budget",
+        "benchmarks/gpu_checks.sh",
+        "  ((limit > left)) && limit=$left\n", "",
+        ["tests/test_gpu_checks_script.py", "-k", "killed"],
+    ),
 ]
