@@ -71,6 +71,16 @@ def _check_args(args: argparse.Namespace) -> None:
         low = 1 if name == "steps" else 0
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.epoch is not None and args.epoch < 0:
+        raise ValueError(f"--epoch must be >= 0, got {args.epoch}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    # the profiled run lives under --out (OUT/run unless output.name says otherwise): an
+    # output.root would point it at another directory, such as a training run's
+    rooted = [o for o in args.overrides if o.split("=", 1)[0] == "output.root"]
+    if rooted:
+        raise ValueError(f"override {rooted[0]}: profile writes its run under --out; set --out instead")
 
 
 def profile_rank(cfg: Any, args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -148,8 +158,15 @@ def run(args: argparse.Namespace) -> int:
 
     from sst_dist.profiling import report
     from sst_dist.train import distributed as D
+    from sst_dist.train.checkpoint import CheckpointError
+    from sst_dist.train.data import DataError
+    from sst_dist.train.rundir import RunDirError
 
-    rec = profile_rank(cfg, args, out)
+    try:
+        rec = profile_rank(cfg, args, out)
+    except (RunDirError, DataError, CheckpointError) as e:
+        print(f"sst-dist profile: {e}", file=sys.stderr)
+        return 2
     (out / f"profile-rank{rec['rank']}.json").write_text(json.dumps(rec, indent=1))
     records = D.gather_object_list(rec)
     if rec["rank"] != 0:

@@ -84,10 +84,14 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--baseline {p}: no such file (give the profile.json of a 1-rank run)")
-    data = json.loads(p.read_text())
-    if "throughput" not in data or "world_size" not in data:
+    try:
+        data = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--baseline {p}: not a profile.json (not JSON: {e})") from None
+    if not isinstance(data, dict) or "throughput" not in data or "world_size" not in data:
         raise ValueError(
-            f"--baseline {p}: not a profile.json (keys {sorted(data)[:8]}; needs throughput, world_size)"
+            f"--baseline {p}: not a profile.json (keys {sorted(data)[:8] if isinstance(data, dict) else []}; "
+            "needs throughput, world_size)"
         )
     return data
 
