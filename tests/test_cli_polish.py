@@ -90,6 +90,13 @@ def test_eval_default_out_is_the_checkpoint_directory(run_dir, tmp_path, capsys)
     assert sorted(p.name for p in ckpt.glob("ap_*")) == [f"ap_{ckpt.name}_test.{e}" for e in ("json", "png")]
 
 
+def test_eval_out_that_is_a_file_is_refused_before_any_work(run_dir, tmp_path, capsys):
+    f = tmp_path / "t.txt"
+    f.write_text("keep me")
+    _one_line_error(capsys, ["eval", str(run_dir), "--out", str(f)], "--out", str(f), "not a directory")
+    assert f.read_text() == "keep me"
+
+
 # --- convert-checkpoint / safe_load ------------------------------------------------------
 
 

@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     from sst_dist.train.inference import load_for_inference
     from sst_dist.train.logging_utils import setup_logging
 
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        return _fail(ValueError(f"--out {args.out}: exists and is not a directory"))
     try:
         model, cfg, meta = load_for_inference(
             args.checkpoint, args.config, args.overrides, trust=args.trust_checkpoint
