@@ -226,12 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--jobs and --threads-per-job must be >= 1")
     if not Path(a.config).is_file():
         p.error(f"--config {a.config}: no such file")
+    a.config = str(Path(a.config).resolve())  # the runs start in the repository root
     if a.stop_launching_at and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", a.stop_launching_at):
         p.error(f"--stop-launching-at takes HH:MM (UTC), got {a.stop_launching_at!r}")
     bad = [s for s in a.set if "=" not in s]
     if bad:
         p.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
-    work = Path(a.work)
+    work = Path(a.work).resolve()
     (work / "runs").mkdir(parents=True, exist_ok=True)
     settings = prepare_data(a, work)
     errors: list[str] = []

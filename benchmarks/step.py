@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not Path(args.config).is_file():
         p.error(f"--config {args.config}: no such file")
+    args.config = str(Path(args.config).resolve())  # the launches run in the repository root
     if 1 not in args.ranks and max(args.ranks) > 1:
         print("note: without --ranks 1 there is no scaling baseline", file=sys.stderr)
 

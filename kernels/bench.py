@@ -347,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     # smoke: a fresh private directory (mkdtemp), not a guessable name in the shared temp dir
-    out_dir = a.out or os.path.join("benchmarks", "results")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out_dir = a.out or os.path.join(repo, "benchmarks", "results")
     if a.smoke and not a.out:
         out_dir = tempfile.mkdtemp(prefix="sst-kernels-")
     os.makedirs(out_dir, exist_ok=True)

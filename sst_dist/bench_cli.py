@@ -56,7 +56,9 @@ def command(name: str, args: list[str]) -> list[str]:
             f"benchmark {name!r}: {ROOT / script} not found (the benchmarks live in the "
             "source tree; run from a checkout installed with `pip install -e .`)"
         )
-    return [sys.executable, *target, *args]
+    # an absolute script path: the benchmark runs in the caller's directory, so that relative
+    # paths in its arguments (--out, --config, ...) mean what they mean to the caller
+    return [sys.executable, *(target if target[0] == "-m" else [str(ROOT / script)]), *args]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,4 +70,4 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["SST_BENCH_PROG"] = f"sst-dist bench {args.name}"  # the script's usage line names this command
-    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    return subprocess.run(cmd, env=env).returncode

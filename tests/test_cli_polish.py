@@ -252,3 +252,14 @@ def test_bench_script_usage_names_the_command(capfd):
 
     assert main(["bench", "heads", "--help"]) == 0
     assert capfd.readouterr().out.startswith("usage: sst-dist bench heads "), "usage line"
+
+
+def test_bench_paths_are_relative_to_the_callers_directory(tmp_path, monkeypatch):
+    """`sst-dist bench heads --out heads.json` writes into the current directory, not into the
+    source tree (the benchmark used to run in the repository root)."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "heads", "--classes", "6", "--batch", "2", "--spatial", "4", "--feature-dim", "32",
+            "--repeats", "1", "--warmup", "0", "--no-rss", "--out", "heads_rel.json"]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "heads_rel.json").read_text())["heads"]
+    assert not (ROOT / "heads_rel.json").exists()
