@@ -162,7 +162,7 @@ def test_bench_cli_forwards_to_the_scripts() -> None:
     for name in bench_cli.BENCHMARKS:
         cmd = bench_cli.command(name, ["--x", "1"])
         assert cmd[0] == sys.executable and cmd[-2:] == ["--x", "1"]
-    assert bench_cli.command("step", [])[1] == "benchmarks/step.py"
+    assert bench_cli.command("step", [])[1] == str(ROOT / "benchmarks" / "step.py")
     assert bench_cli.command("kernels", [])[1:3] == ["-m", "kernels.bench"]
     with pytest.raises(ValueError, match="unknown benchmark 'nope'"):
         bench_cli.command("nope", [])
