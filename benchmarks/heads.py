@@ -268,9 +268,16 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch threads (default 1: steadier on a shared host; 0: torch default)",
     )
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/heads-<date>.json)")
+    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/heads-<date>.json)")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    lows = {"classes": 2, "batch": 1, "spatial": 1, "feature_dim": 1, "repeats": 1, "warmup": 0,
+            "full_repeats": 1, "image_size": 32, "threads": 0}
+    for name, low in lows.items():
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.out and os.path.isdir(args.out):
+        p.error(f"--out {args.out}: is a directory; give the JSON file's path")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_child:

@@ -125,14 +125,25 @@ def time_loader(make, epochs: int) -> tuple[float, float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog=os.environ.get("SST_BENCH_PROG"), description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog=os.environ.get("SST_BENCH_PROG"),
+                                 description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="runs per configuration, in shuffled order")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"),
+                    help="folder for loader-<date>.json (default benchmarks/results)")
     args = ap.parse_args()
+    for name, low in (("images", 1), ("batch_size", 1), ("epochs", 1), ("repeats", 1)):
+        if getattr(args, name) < low:
+            ap.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if min(args.workers) < 0:
+        ap.error(f"--workers must be >= 0, got {min(args.workers)}")
+    if args.images < args.batch_size:
+        ap.error(f"--images {args.images} is fewer than one batch (--batch-size {args.batch_size})")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out {args.out}: exists and is not a directory")
     cuda = torch.cuda.is_available()
     backends = ["torch"] + (["dali"] if dali_available() else []) + (["torch-gpu"] if cuda else [])
     device = "cuda" if cuda else "cpu"

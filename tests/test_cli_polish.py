@@ -263,3 +263,23 @@ def test_bench_paths_are_relative_to_the_callers_directory(tmp_path, monkeypatch
     assert main(argv) == 0
     assert json.loads((tmp_path / "heads_rel.json").read_text())["heads"]
     assert not (ROOT / "heads_rel.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "needle"),
+    [
+        ("heads.py", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
+        ("heads.py", ["--classes", "1"], "--classes must be >= 2, got 1"),
+        ("heads.py", ["--threads", "-1"], "--threads must be >= 0, got -1"),
+        ("heads.py", ["--batch", "0"], "--batch must be >= 1, got 0"),
+        ("loader.py", ["--images", "2", "--batch-size", "4"], "--images 2 is fewer than one batch"),
+        ("loader.py", ["--out", str(DEBUG)], "exists and is not a directory"),
+    ],
+)
+def test_benchmark_argument_errors_exit_2_before_any_work(script, args, needle):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
