@@ -2,6 +2,8 @@
 # it after defining die() and SST_ROOT / SST_VENV.
 
 is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
+is_pos_int() { is_int "$1" && ((10#$1 >= 1)); }
+is_port() { is_int "$1" && ((10#$1 >= 1 && 10#$1 <= 65535)); }
 
 # PYTHON: the project's virtualenv when there is one, else whatever is on PATH; the repository
 # goes on PYTHONPATH so every rank imports this checkout.

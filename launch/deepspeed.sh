@@ -17,7 +17,7 @@ Options (each also read from the environment variable in brackets):
                      visible GPU, or 2 CPU ranks with DS_ACCELERATOR=cpu
   --hostfile FILE    multi-node hostfile, lines "hostname slots=N" [HOSTFILE]; default: this node
   --num-nodes N      use the first N hosts of the hostfile [NUM_NODES]
-  --launcher NAME    multi-node backend: pdsh, openmpi, mvapich, slurm [DS_LAUNCHER] (pdsh)
+  --launcher NAME    multi-node backend: pdsh, openmpi, mvapich, mpich, impi, slurm [DS_LAUNCHER] (pdsh)
   --no-ssh           multi-node without ssh: run this script once on every node with
                      --node-rank [DS_NO_SSH=1]
   --node-rank R      this node's rank with --no-ssh [NODE_RANK]
@@ -97,9 +97,14 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-[[ -z "$num_gpus" ]] || is_int "$num_gpus" || die "--num-gpus must be a positive integer, got '$num_gpus'"
-[[ -z "$num_nodes" ]] || is_int "$num_nodes" || die "--num-nodes must be a positive integer, got '$num_nodes'"
-is_int "$master_port" || die "--master-port must be an integer, got '$master_port'"
+[[ -z "$num_gpus" ]] || is_pos_int "$num_gpus" || die "--num-gpus must be a positive integer, got '$num_gpus'"
+[[ -z "$num_nodes" ]] || is_pos_int "$num_nodes" || die "--num-nodes must be a positive integer, got '$num_nodes'"
+is_port "$master_port" || die "--master-port must be a port number (1-65535), got '$master_port'"
+case "$launcher" in
+  pdsh|openmpi|mvapich|mpich|impi|slurm) ;;
+  *) die "--launcher must be one of pdsh, openmpi, mvapich, mpich, impi, slurm; got '$launcher'" ;;
+esac
+[[ "$no_ssh" != 1 || -n "$hostfile" ]] || die "--no-ssh (DS_NO_SSH=1) is a multi-node mode: it needs --hostfile"
 [[ -z "$hostfile" || -f "$hostfile" ]] || die "hostfile '$hostfile' does not exist"
 
 find_python

@@ -73,7 +73,7 @@ done
 is_int "$nnodes" && [[ "$nnodes" -ge 1 ]] || die "NNODES must be a positive integer, got '$nnodes'"
 is_int "$node_rank" && [[ "$node_rank" -lt "$nnodes" ]] \
   || die "NODE_RANK must be an integer in [0, $nnodes), got '$node_rank'"
-is_int "$master_port" || die "MASTER_PORT must be an integer, got '$master_port'"
+is_port "$master_port" || die "MASTER_PORT must be a port number (1-65535), got '$master_port'"
 case "$rdzv_backend" in c10d|static) ;; *) die "RDZV_BACKEND must be c10d or static, got '$rdzv_backend'" ;; esac
 
 find_python

@@ -62,6 +62,14 @@ def test_deepspeed_sh_rejects_bad_input(tmp_path):
     assert nofile.returncode == 2 and "nope.yaml' does not exist" in nofile.stderr
     badnum = call("--num-gpus", "two", str(DEBUG_CONFIG))
     assert badnum.returncode == 2 and "--num-gpus must be a positive integer" in badnum.stderr
+    for args, needle in [
+        (("--num-gpus", "0"), "--num-gpus must be a positive integer, got '0'"),
+        (("--master-port", "99999"), "--master-port must be a port number (1-65535), got '99999'"),
+        (("--launcher", "foo"), "--launcher must be one of pdsh, openmpi, mvapich, mpich, impi, slurm"),
+        (("--no-ssh",), "--no-ssh (DS_NO_SSH=1) is a multi-node mode: it needs --hostfile"),
+    ]:
+        bad = call("--dry-run", *args, str(DEBUG_CONFIG))
+        assert bad.returncode == 2 and needle in bad.stderr, (args, bad.stderr)
     # dry run: overrides and --resume pass through unchanged, after the module entry point
     dry = call("--dry-run", "--num-gpus", "2", str(DEBUG_CONFIG), "train.epochs=3", "--resume")
     assert dry.returncode == 0, dry.stderr

@@ -63,6 +63,8 @@ def test_torchrun_sh_validates_rendezvous_settings(tmp_path):
     assert call("--help").returncode == 0
     bad_rank = call(str(DEBUG_CONFIG), NNODES="2", NODE_RANK="2")
     assert bad_rank.returncode == 2 and "NODE_RANK must be an integer in [0, 2)" in bad_rank.stderr
+    bad_port = call("--dry-run", str(DEBUG_CONFIG), MASTER_PORT="99999")
+    assert bad_port.returncode == 2 and "MASTER_PORT must be a port number (1-65535)" in bad_port.stderr
     bad_backend = call("--rdzv-backend", "etcd9", str(DEBUG_CONFIG))
     assert bad_backend.returncode == 2 and "RDZV_BACKEND must be c10d or static" in bad_backend.stderr
     static = call("--dry-run", "--rdzv-backend", "static", str(DEBUG_CONFIG), "train.epochs=1",
