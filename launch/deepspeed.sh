@@ -38,6 +38,10 @@ the network must be trusted (README, Trust model). With a hostfile and ssh, a sh
 parses the command again: arguments, forwarded variables and the working directory may then only
 hold letters, digits and _ . / : = , + @ - (anything else is refused, exit status 2).
 
+Exit status: 2, with a message naming the problem, for a bad option, a missing CONFIG or an
+unusable environment; otherwise the training's own (0 done, 2 bad config/arguments/checkpoint, 3
+aborted after repeated non-finite losses, 75 preempted: rerun with --resume).
+
 Examples:
   DS_ACCELERATOR=cpu launch/deepspeed.sh --num-gpus 2 launch/configs/debug.yaml
   launch/deepspeed.sh --hostfile hostfile launch/configs/coco2014.yaml train.epochs=20 --resume

@@ -28,6 +28,10 @@ Options (each also read from the environment variable in brackets):
 Environment: SST_ROOT (repository root; default: this script's parent), SST_VENV (virtualenv;
 default $SST_ROOT/.venv, ignored when absent), DS_ACCELERATOR=cpu for CPU ranks (gloo).
 
+Exit status: 2, with a message naming the problem, for a bad option, a missing CONFIG or an
+unusable environment; otherwise the training's own (0 done, 2 bad config/arguments/checkpoint, 3
+aborted after repeated non-finite losses, 75 preempted: rerun with --resume).
+
 Example, two nodes:
   node0$ NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh launch/configs/coco2014.yaml
   node1$ NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/torchrun.sh launch/configs/coco2014.yaml

@@ -55,7 +55,7 @@ def test_deepspeed_sh_rejects_bad_input(tmp_path):
         return subprocess.run(["bash", script, *args], env=env, capture_output=True, text=True, timeout=60)
 
     ok = call("--help")
-    assert ok.returncode == 0 and "Usage: launch/deepspeed.sh" in ok.stdout
+    assert ok.returncode == 0 and "Usage: launch/deepspeed.sh" in ok.stdout and "Exit status: 2" in ok.stdout
     missing = call("--num-gpus", "2")
     assert missing.returncode == 2 and "missing CONFIG" in missing.stderr
     nofile = call(str(tmp_path / "nope.yaml"))

@@ -60,7 +60,8 @@ def test_torchrun_sh_validates_rendezvous_settings(tmp_path):
         return subprocess.run(["bash", script, *args], env={**env, **extra}, capture_output=True, text=True,
                               timeout=60)
 
-    assert call("--help").returncode == 0
+    helped = call("--help")
+    assert helped.returncode == 0 and "Exit status: 2" in helped.stdout
     bad_rank = call(str(DEBUG_CONFIG), NNODES="2", NODE_RANK="2")
     assert bad_rank.returncode == 2 and "NODE_RANK must be an integer in [0, 2)" in bad_rank.stderr
     bad_port = call("--dry-run", str(DEBUG_CONFIG), MASTER_PORT="99999")
