@@ -195,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.config).is_file():
         p.error(f"--config {args.config}: no such file")
     args.config = str(Path(args.config).resolve())  # the launches run in the repository root
+    sys.path.insert(0, str(ROOT))
+    from sst_dist.config import ConfigError, load_config
+
+    try:  # a mistyped override is an argument error here, not a failure of every launch
+        load_config(args.config, [*args.overrides, "train.zero_stage=0"])
+    except (ConfigError, FileNotFoundError) as e:
+        p.error(str(e))
     if 1 not in args.ranks and max(args.ranks) > 1:
         print("note: without --ranks 1 there is no scaling baseline", file=sys.stderr)
 

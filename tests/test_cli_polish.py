@@ -274,6 +274,7 @@ def test_bench_paths_are_relative_to_the_callers_directory(tmp_path, monkeypatch
         ("heads.py", ["--batch", "0"], "--batch must be >= 1, got 0"),
         ("loader.py", ["--images", "2", "--batch-size", "4"], "--images 2 is fewer than one batch"),
         ("loader.py", ["--out", str(DEBUG)], "exists and is not a directory"),
+        ("step.py", ["data.proportio=0.1"], "unknown config key data.proportio"),
     ],
 )
 def test_benchmark_argument_errors_exit_2_before_any_work(script, args, needle):
