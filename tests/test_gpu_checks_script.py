@@ -18,17 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_checks.sh"
 
 
+def checks_env(tmp_path: Path, budget: int) -> dict[str, str]:
+    """The script's environment as on the device: results under tmp_path/res, packed into tmp_path/out."""
+    return dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"),
+                GPU_RESULTS=str(tmp_path / "res"), BUDGET_S=str(budget))
+
+
 def run_checks(tmp_path: Path, *steps: str, budget: int) -> tuple[subprocess.CompletedProcess, Path]:
-    out = tmp_path / "out"
-    env = dict(
-        os.environ,
-        PYTHON=sys.executable,
-        OUT=str(out),
-        GPU_RESULTS=str(tmp_path / "res"),
-        BUDGET_S=str(budget),
-    )
+    env = checks_env(tmp_path, budget)
     proc = subprocess.run(["bash", str(SCRIPT), *steps], env=env, capture_output=True, text=True, timeout=240)
-    return proc, out / "gpu-results.tgz"
+    return proc, tmp_path / "out" / "gpu-results.tgz"
 
 
 def packed(tgz: Path) -> dict[str, str]:
@@ -76,13 +75,7 @@ def test_a_call_killed_mid_step_keeps_what_finished(tmp_path: Path) -> None:
     """The device kills a call at its limit: the steps before survive in the packed results, and
     the running step's limit was cut to the budget (on the CPU gpu-step runs far longer)."""
     out, budget = tmp_path / "out", 60
-    env = dict(
-        os.environ,
-        PYTHON=sys.executable,
-        OUT=str(out),
-        GPU_RESULTS=str(tmp_path / "res"),
-        BUDGET_S=str(budget),
-    )
+    env = checks_env(tmp_path, budget)
     proc = subprocess.Popen(
         ["bash", str(SCRIPT), "sync-check", "gpu-step"],
         env=env,
