@@ -37,6 +37,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXIT_STATUSES
     parser.add_argument(
         "name",
+        nargs="?",  # checked in run(): argparse would also call the optional ARGS required
         choices=sorted(BENCHMARKS),
         metavar="NAME",
         help="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items()),
@@ -62,6 +63,10 @@ def command(name: str, args: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.name is None:
+        print(f"sst-dist bench: give a benchmark NAME: {', '.join(BENCHMARKS)} (--help says more)",
+              file=sys.stderr)
+        return 2
     try:
         cmd = command(args.name, list(args.args))
     except (ValueError, FileNotFoundError) as e:

@@ -77,6 +77,11 @@ def _read(
             raise FileNotFoundError(f"reference checkpoint not found: {path!r}")
         obj = load_tensors(path, trust=trust_pickle)
         meta["source"] = path
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "model_config" in obj:
+        raise ValueError(
+            f"{meta.get('source', 'the input')} is already converted (an SST-Dist model file): "
+            "give it to eval or predict as it is"
+        )
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         for key in ("epoch", "best_mAP"):
             if key in obj:

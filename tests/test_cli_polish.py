@@ -202,6 +202,12 @@ def converted(tmp_path_factory):
     return tmp / "sst.pt"
 
 
+def test_convert_of_a_converted_file_says_so(capsys, converted, tmp_path):
+    _one_line_error(capsys, ["convert-checkpoint", str(converted), str(tmp_path / "again.pt")],
+                    str(converted), "already converted")
+    assert not (tmp_path / "again.pt").exists()
+
+
 def test_predict_threshold_help_and_non_finite_values(capsys, converted, tmp_path):
     text = " ".join(_help(capsys, "predict").split())
     assert "logit >= THRESHOLD" in text and "sigmoid(THRESHOLD)" in text and "default 0.0" in text
@@ -229,6 +235,10 @@ def test_predict_names_the_bad_file_and_still_predicts_the_rest(capsys, converte
 
 
 # --- bench / profile / top-level help --------------------------------------------------------
+
+
+def test_bench_without_a_name_lists_the_benchmarks(capsys):
+    _one_line_error(capsys, ["bench"], "give a benchmark NAME", "heads", "accuracy")
 
 
 def test_top_level_help_lists_every_benchmark(capsys):
