@@ -106,6 +106,9 @@ resume=()
 if [[ -f "$run_dir/checkpoints/latest" ]]; then
   resume=(--resume)
   echo "continuing the run in $run_dir (use --fresh to start over)"
+elif [[ -e "$run_dir/config.yaml" || -e "$run_dir/metrics.jsonl" ]]; then
+  resume=(--resume)  # a run stopped before its first checkpoint: --resume starts it again in place
+  echo "restarting the run in $run_dir, which stopped before its first checkpoint"
 fi
 "$SCRIPT_DIR/deepspeed.sh" --num-gpus "$ranks" --master-port "$port" "$config" "${run_overrides[@]}" \
   "${resume[@]}"

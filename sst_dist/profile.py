@@ -22,7 +22,11 @@ EXIT_STATUSES = """exit status:
   0  profiled: rank 0 printed the table and wrote OUT/profile.json (other ranks: their rank file)
   1  an unexpected failure while profiling (with a traceback)
   2  bad input: a missing or invalid config or override, a bad --modes/--steps/--warmup/
-     --profile-steps value, an unreadable --baseline (one line on stderr)"""
+     --profile-steps value, an unreadable --baseline, an --out that holds an earlier profile
+     (without --overwrite) or a training run's checkpoints (one line on stderr)"""
+
+# what a profile writes into --out (besides its run directory); --overwrite replaces exactly these
+PROFILE_FILES = ("profile.json", "profile.png", "profile-rank*.json", "trace-rank*.json")
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +56,9 @@ def register(parser: argparse.ArgumentParser) -> None:
         "--baseline", default=None, help="profile.json of a 1-rank run: report scaling efficiency"
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier profile in --out (never checkpoints)"
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
@@ -83,14 +90,35 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"override {rooted[0]}: profile writes its run under --out; set --out instead")
 
 
+def earlier_profile(out: Path, run_name: str) -> list[str]:
+    """What an earlier profile left in ``out``: its files and its run's outputs. A run directory
+    with checkpoints is a training run, never a profile's: refused even with --overwrite."""
+    from sst_dist.train.rundir import EARLIER_RUN, checkpoint_names
+
+    run_dir = out / run_name
+    if checkpoint_names(run_dir):
+        raise ValueError(f"{run_dir} already holds checkpoints: profile a run config into another --out")
+    found = sorted({p.name for pattern in PROFILE_FILES for p in out.glob(pattern)})
+    return found + [f"{run_name}/{n}" for n in EARLIER_RUN if (run_dir / n).exists()]
+
+
 def profile_rank(cfg: Any, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """This rank's record: throughput of each mode, peak memory, the phase breakdown."""
+    from sst_dist.train.trainer import Trainer
+
+    trainer = Trainer(cfg, overwrite=args.overwrite)
+    try:
+        return _measure(trainer, cfg, args, out)
+    finally:  # the run directory's lock goes back too: a later profile in this process may use it
+        trainer.metrics.close()
+        trainer.release()
+
+
+def _measure(trainer: Any, cfg: Any, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     import torch
 
     from sst_dist.profiling import measure
-    from sst_dist.train.trainer import Trainer
 
-    trainer = Trainer(cfg)
     epoch = cfg.pseudo.warmup_epochs if args.epoch is None else args.epoch
     rec: dict[str, Any] = {
         "rank": trainer.rank,
@@ -127,7 +155,6 @@ def profile_rank(cfg: Any, args: argparse.Namespace, out: Path) -> dict[str, Any
         trace = out / f"trace-rank{trainer.rank}.json"
         rec["breakdown"] = measure.profile_steps(trainer, args.profile_steps, epoch, trace)
         rec["trace"] = str(trace)
-    trainer.metrics.close()
     return rec
 
 
@@ -151,13 +178,22 @@ def run(args: argparse.Namespace) -> int:
             *args.overrides,
         ]
         cfg = load_config(args.config, overrides)
+        earlier = earlier_profile(out, cfg.output.name)
+        if earlier and not args.overwrite:
+            raise ValueError(f"--out {out} already holds a profile ({', '.join(earlier[:4])}); "
+                             "choose another --out, or pass --overwrite to replace it")
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"sst-dist profile: {e}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    from sst_dist.train import distributed as D
+
+    if args.overwrite and D.detect_env().rank == 0:  # before any rank writes: no stale rank file
+        for pattern in PROFILE_FILES:
+            for stale in out.glob(pattern):
+                stale.unlink()
 
     from sst_dist.profiling import report
-    from sst_dist.train import distributed as D
     from sst_dist.train.checkpoint import CheckpointError
     from sst_dist.train.data import DataError
     from sst_dist.train.rundir import RunDirError

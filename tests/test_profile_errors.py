@@ -50,3 +50,37 @@ def test_a_run_directory_with_checkpoints_is_left_alone(capsys, tmp_path):
     (ckpt / "meta.json").write_text("{}")
     _one_line_error(capsys, profile(tmp_path / "p", "output.name=mine"), "already holds checkpoints")
     assert (ckpt / "meta.json").read_text() == "{}"
+
+
+def _digests(out: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_an_earlier_profile_is_kept_unless_overwrite(capsys, tmp_path):
+    """A second profile into the same --out used to replace the first one's files silently."""
+    from sst_dist.cli import main
+
+    out = tmp_path / "p"
+    assert main(profile(out)) == 0
+    capsys.readouterr()
+    before = _digests(out)
+    assert "profile.json" in before and "run/config.yaml" in before
+    _one_line_error(capsys, profile(out), str(out), "already holds a profile", "profile.json", "--overwrite")
+    assert _digests(out) == before
+
+    (out / "profile-rank7.json").write_text("{}")  # a rank of a wider earlier profile
+    assert main(profile(out, "--overwrite")) == 0
+    after = _digests(out)
+    assert "profile-rank7.json" not in after and after["profile.json"] != before["profile.json"]
+
+
+def test_overwrite_never_reaches_a_training_run(capsys, tmp_path):
+    ckpt = tmp_path / "p" / "mine" / "checkpoints" / "epoch_0001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text("{}")
+    argv = profile(tmp_path / "p", "output.name=mine", "--overwrite")
+    _one_line_error(capsys, argv, "already holds checkpoints")
+    assert (ckpt / "meta.json").read_text() == "{}"

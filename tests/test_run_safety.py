@@ -154,6 +154,15 @@ def test_claim_refuses_checkpoints_links_and_foreign_dirs(tmp_path):
         claim(run_dir, resuming=False, overwrite=False)
     claim(run_dir, resuming=True, overwrite=False).release()  # the lock was given back on refusal
     claim(run_dir, resuming=False, overwrite=True).release()
+
+    stopped = tmp_path / "stopped"  # a run that stopped before its first checkpoint
+    stopped.mkdir()
+    (stopped / "config.yaml").write_text("model: {}\n")
+    refusal = "earlier run's config.yaml \\(no checkpoint yet\\).*--resume.*--overwrite"
+    with pytest.raises(RunDirError, match=refusal):
+        claim(stopped, resuming=False, overwrite=False)
+    claim(stopped, resuming=True, overwrite=False).release()
+    claim(stopped, resuming=False, overwrite=True).release()
     link = tmp_path / "link"
     link.symlink_to(run_dir, target_is_directory=True)
     with pytest.raises(UnsafePathError, match="symbolic link"):

@@ -26,6 +26,8 @@ from data_shards.safe_io import UnsafePathError, ensure_own_dir
 LOCK_NAME = ".lock"
 # what a run writes into its directory; --overwrite removes exactly these
 OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "eval", "config.yaml")
+# what says a run started here (written when training starts): a fresh run must not replace them
+EARLIER_RUN = ("config.yaml", "metrics.jsonl")
 
 
 class RunDirError(ValueError):
@@ -113,8 +115,9 @@ def _alive(holder: dict[str, Any]) -> bool:
 def claim(run_dir: Path, resuming: bool, overwrite: bool) -> RunLock:
     """Rank 0 before a run starts: check ownership, take the lock, apply the overwrite policy.
 
-    A fresh run (not ``resuming``) into a directory that holds checkpoints is refused unless
-    ``overwrite``; nothing is deleted here (that waits for :func:`clear_outputs`).
+    A fresh run (not ``resuming``) into a directory that holds checkpoints, or the config and
+    metrics of a run stopped before its first checkpoint, is refused unless ``overwrite``;
+    nothing is deleted here (that waits for :func:`clear_outputs`).
     """
     run_dir = Path(run_dir)
     ensure_own_dir(run_dir)
@@ -127,6 +130,13 @@ def claim(run_dir: Path, resuming: bool, overwrite: bool) -> RunLock:
         raise RunDirError(
             f"{run_dir} already holds checkpoints ({shown}); continue that run with --resume, "
             "or pass --overwrite to delete its outputs and start over"
+        )
+    earlier = [n for n in EARLIER_RUN if os.path.lexists(run_dir / n)]
+    if not resuming and not overwrite and earlier:  # a run stopped before its first checkpoint
+        lock.release()
+        raise RunDirError(
+            f"{run_dir} already holds an earlier run's {', '.join(earlier)} (no checkpoint yet); "
+            "restart that run with --resume, or pass --overwrite to delete its outputs and start over"
         )
     return lock
 
