@@ -10,7 +10,9 @@ baseline of one seed differ only in the method, and differences are paired by se
 
 Runs finished earlier (``study-done.json`` in the run folder) are not rerun, and the report
 (docs/accuracy.md between its study markers, docs/accuracy.png and the results JSON) is drawn
-from every finished run in ``--work``, so the study can run in passes:
+from every finished run in ``--work``, so the study can run in passes. A run of an earlier pass
+that stopped (preempted, killed) is continued with ``train --resume`` if it was started with the
+same overrides; a run folder started otherwise is refused, never deleted (``--fresh`` redoes runs):
 
     .venv/bin/python benchmarks/accuracy.py --seeds 0                       # all proportions
     .venv/bin/python benchmarks/accuracy.py --seeds 0 --proportions 10 --methods nointer noaux
@@ -38,7 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_report import PSEUDO_KEYS, write_outputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data_shards.safe_io import atomic_write_text  # noqa: E402
+
 BASE_CONFIG = ROOT / "launch" / "configs" / "accuracy.yaml"
+DONE = "study-done.json"  # a finished run's result, in its run folder
+RUN_RECORD = "study-run.json"  # the overrides a run was started with: only such a run is continued
 TRANSFER_OFF = ["loss.intra_bce=0", "loss.inter_bce=0", "loss.cooccurrence=0", "loss.contrastive=0"]
 # method -> the overrides that make it (on top of the run config)
 METHODS: dict[str, list[str]] = {
@@ -104,28 +112,41 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def continuation(a: argparse.Namespace, run_dir: Path, planned: list[str]) -> list[str]:
+    """How ``train`` takes up ``run_dir``: fresh, ``--resume`` (a run of this study with the same
+    overrides that stopped, say by preemption: its checkpoints are kept and continued) or
+    ``--overwrite`` (``--fresh``). A run directory started otherwise is refused, never deleted."""
+    record = run_dir / RUN_RECORD
+    if a.fresh:
+        (run_dir / DONE).unlink(missing_ok=True)
+        return ["--overwrite"]
+    if not run_dir.exists():
+        return []
+    if record.is_file() and json.loads(record.read_text()) == planned:
+        return ["--resume"]
+    raise RuntimeError(
+        f"{run_dir} holds a run this study did not start with these settings; "
+        "delete it, pass --fresh to redo it, or choose another --work"
+    )
+
+
 def train_one(a: argparse.Namespace, method: str, proportion: int, seed: int, work: Path) -> dict[str, Any]:
     """Train and evaluate one run (unless finished); its result dict, also kept as study-done.json."""
     name = run_name(method, proportion, seed)
     run_dir = work / "runs" / name
-    done = run_dir / "study-done.json"
+    done = run_dir / DONE
     if done.is_file() and not a.fresh:
         return json.loads(done.read_text())
     if a.stop_launching_at and dt.datetime.now(dt.UTC).strftime("%H:%M") >= a.stop_launching_at:
         raise RuntimeError(f"run {name} not started: past --stop-launching-at {a.stop_launching_at} UTC")
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # an unfinished run of this study's own work folder
-    cmd = [
-        sys.executable,
-        "-m",
-        "sst_dist.cli",
-        "train",
-        str(a.config),
-        *overrides(a, method, proportion, seed, work),
-    ]
+    planned = overrides(a, method, proportion, seed, work)
+    how = continuation(a, run_dir, planned)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / RUN_RECORD, json.dumps(planned, indent=1))
+    cmd = [sys.executable, "-m", "sst_dist.cli", "train", str(a.config), *planned, *how]
     t0 = time.perf_counter()
-    print(f"[accuracy] {name}: started {dt.datetime.now(dt.UTC):%H:%M:%S} UTC", flush=True)
-    with open(work / "runs" / f"{name}.log", "w") as log:
+    print(f"[accuracy] {name}: started {dt.datetime.now(dt.UTC):%H:%M:%S} UTC {' '.join(how)}", flush=True)
+    with open(work / "runs" / f"{name}.log", "a") as log:  # a continued run keeps its earlier log
         rc = subprocess.run(
             cmd, cwd=ROOT, env=_env(a.threads_per_job), stdout=log, stderr=subprocess.STDOUT
         ).returncode
@@ -143,21 +164,22 @@ def train_one(a: argparse.Namespace, method: str, proportion: int, seed: int, wo
     }
     if not a.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    done.write_text(json.dumps(res, indent=1))
+    atomic_write_text(done, json.dumps(res, indent=1))
     print(f"[accuracy] {name}: mAP {res['mAP']:.2f} ({wall / 60:.1f} min)", flush=True)
     return res
 
 
 def prepare_data(a: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Generate and shard the scenes once, before the parallel runs start; the resolved settings."""
-    sys.path.insert(0, str(ROOT))
+    """Generate and shard the scenes once, before the parallel runs start (not for a report);
+    the resolved settings."""
     from sst_dist.config import load_config
     from sst_dist.train.data import ensure_synthetic
 
     cfg = load_config(a.config, overrides(a, "sst", 10, 0, work))
-    t0 = time.perf_counter()
-    ensure_synthetic(cfg)
-    print(f"[accuracy] data ready in {work / 'data'} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if not a.report_only:
+        t0 = time.perf_counter()
+        ensure_synthetic(cfg)
+        print(f"[accuracy] data ready in {work / 'data'} ({time.perf_counter() - t0:.0f} s)", flush=True)
     m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.pseudo
     return {
         "backbone": m.backbone,
@@ -187,7 +209,7 @@ def prepare_data(a: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def finished_runs(work: Path) -> list[dict[str, Any]]:
     """Every finished run of the work folder (all passes), in name order."""
-    return [json.loads(p.read_text()) for p in sorted((work / "runs").glob("*/study-done.json"))]
+    return [json.loads(p.read_text()) for p in sorted((work / "runs").glob(f"*/{DONE}"))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
     work = Path(a.work).resolve()
+    if a.report_only and not finished_runs(work):  # a mistyped --work must not blank the report
+        print(f"{p.prog}: --work {work} holds no finished runs (runs/*/{DONE}); nothing to report",
+              file=sys.stderr)
+        return 2
     (work / "runs").mkdir(parents=True, exist_ok=True)
     settings = prepare_data(a, work)
     errors: list[str] = []
