@@ -24,8 +24,11 @@ def _refuse_link(path: Path) -> None:
         raise UnsafePathError(f"{path} is a symbolic link; refusing to write through it (remove it first)")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
-    """Write ``data`` to ``path`` all at once: temporary file in the same folder, fsync, rename."""
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644, exclusive: bool = False) -> Path:
+    """Write ``data`` to ``path`` all at once: temporary file in the same folder, fsync, rename.
+
+    ``exclusive``: publish with a hard link instead of a rename, which fails if ``path`` exists
+    by then (FileExistsError), so a file made meanwhile by someone else is never replaced."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -34,11 +37,28 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> Path
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        if exclusive and _link_no_clobber(tmp, path):
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _link_no_clobber(tmp: str, path: Path) -> bool:
+    """Hard-link ``tmp`` to ``path`` (FileExistsError if taken); False where the file system has
+    no hard links, after a last check that ``path`` is still free (the caller renames then)."""
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} already exists") from None
+        return False
 
 
 def atomic_write_text(path: str | Path, text: str, mode: int = 0o644) -> Path:

@@ -263,8 +263,11 @@ def _run(args: argparse.Namespace) -> int:
         torch.save(payload, buf)
         out_dir = os.path.dirname(os.path.abspath(args.output))
         os.makedirs(out_dir, exist_ok=True)
-        _refuse_existing(args.output)  # again: it may have appeared while converting
-        atomic_write_bytes(args.output, buf.getvalue(), mode=0o644 & ~_umask())
+        try:  # exclusive: a file that appeared while converting (another conversion) stays
+            atomic_write_bytes(args.output, buf.getvalue(), mode=0o644 & ~_umask(), exclusive=True)
+        except FileExistsError:
+            _refuse_existing(args.output)
+            raise
     except (FileNotFoundError, ValueError, UnsafePathError, OSError) as e:
         print(f"sst-dist convert-checkpoint: {e}", file=sys.stderr)
         return 2

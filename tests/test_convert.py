@@ -262,3 +262,24 @@ def test_cli_expected_errors_exit_2_with_one_line(tmp_path, capsys):
     del bad["fc.weight"]
     torch.save(bad, tmp_path / "partial.pth")
     fails([str(tmp_path / "partial.pth"), str(tmp_path / "e.pt")], "fc.weight")
+
+
+def test_an_output_made_meanwhile_by_another_conversion_is_kept(tmp_path, capsys, monkeypatch):
+    """Two conversions into one name: the check before converting passes for both; the later
+    publish used to replace the earlier result (os.replace), now it exits 2 and keeps it."""
+    import sst_dist.convert as conv
+
+    src, dst = tmp_path / "ref.pth", tmp_path / "race.pt"
+    torch.save(reference_state_dict(), src)
+    real_build = conv.build_model
+
+    def build_while_another_finishes(*args, **kwargs):
+        dst.write_bytes(b"the other conversion's result")
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(conv, "build_model", build_while_another_finishes)
+    assert cli_main(["convert-checkpoint", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(dst) in err and "already exists" in err, err
+    assert dst.read_bytes() == b"the other conversion's result"
+    assert sorted(os.listdir(tmp_path)) == ["race.pt", "ref.pth"]  # no temporary file left
