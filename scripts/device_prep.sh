@@ -28,7 +28,9 @@ if ! compgen -G ".whl/deepspeed-*.whl" >/dev/null; then
     -d .whl "${pins[@]}"
   DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation "deepspeed==$(version deepspeed)" -w .whl
 fi
-[[ -f build/base-src.tgz ]] || { mkdir -p build && git archive "$BASE" | gzip >build/base-src.tgz; }
+if [[ ! -f build/base-src.tgz ]]; then  # a temporary name first: a cut-short archive is never "there"
+  mkdir -p build && git archive "$BASE" | gzip >build/base-src.tgz.tmp && mv build/base-src.tgz.tmp build/base-src.tgz
+fi
 [[ -f build/dali-wheel/manifest ]] || PYTHON=$PY bash scripts/device_wheel.sh split >/dev/null
 
 echo "ready: $(ls .whl | wc -l) wheels ($(du -sh .whl | cut -f1)), build/base-src.tgz" \

@@ -33,7 +33,8 @@ case "${1:-}" in
     split -b "${PIECE_MIB}m" -d -a 2 "$wheel" "$DIR/parts/"
     { echo "wheel $(basename "$wheel") $(sha256sum "$wheel" | cut -d' ' -f1)"
       for p in "$DIR"/parts/*; do echo "piece $(basename "$p") $(sha256sum "$p" | cut -d' ' -f1)"; done
-    } > "$DIR/manifest"
+    } > "$DIR/manifest.tmp"
+    mv "$DIR/manifest.tmp" "$DIR/manifest"  # last: device_prep.sh takes a manifest as a finished split
     n=$(ls "$DIR/parts" | wc -l)
     echo "split $(basename "$wheel") into $n pieces of <= ${PIECE_MIB} MiB under $DIR/parts"
     for p in "$DIR"/parts/*; do
