@@ -81,7 +81,16 @@ def _run(args: argparse.Namespace) -> int:
     if problem:
         print(f"sst-dist smoke: {problem}", file=sys.stderr)
         return 2
-    stats = run_smoke(args.backbone, args.classes, args.batch_size, args.image_size, args.impl, args.device)
+    try:
+        stats = run_smoke(
+            args.backbone, args.classes, args.batch_size, args.image_size, args.impl, args.device
+        )
+    except ValueError as e:  # training-mode BatchNorm over a single value per channel
+        if "more than 1 value per channel" not in str(e):
+            raise
+        print(f"sst-dist smoke: --batch-size {args.batch_size} at --image-size {args.image_size} leaves one "
+              "value per BatchNorm channel; use --batch-size 2 or a larger --image-size", file=sys.stderr)
+        return 2
     print(
         f"smoke: backbone={args.backbone} C={args.classes} B={args.batch_size} "
         f"image={args.image_size} impl={args.impl} device={args.device}"
@@ -96,8 +105,9 @@ def _run(args: argparse.Namespace) -> int:
 EXIT_STATUSES = """exit status:
   0  smoke: OK (finite outputs, every trainable parameter got a finite gradient)
   1  smoke: FAILED (non-finite values or parameters without gradient): the install is broken
-  2  bad arguments: an unknown backbone or impl, a size out of range, a device that is not
-     available (one line on stderr)"""
+  2  bad arguments: an unknown backbone or impl, a size out of range, a batch too small for the
+     image size (one value per BatchNorm channel), a device that is not available (one line on
+     stderr)"""
 
 
 def _at_least(low: int):

@@ -170,6 +170,12 @@ def test_smoke_unknown_backbone_is_a_usage_error(capsys):
     _usage_error(capsys, ["smoke", "--image-size", "8"], "--image-size")
 
 
+def test_smoke_batch_too_small_for_the_image_is_one_line(capsys):
+    """One image at 64 px leaves one value per neck BatchNorm channel (was a traceback, exit 1)."""
+    _one_line_error(capsys, ["smoke", "--image-size", "64", "--batch-size", "1", "--classes", "3"],
+                    "--batch-size 1", "--image-size 64", "BatchNorm")
+
+
 def test_smoke_device_problems_are_one_line(capsys, monkeypatch):
     _one_line_error(capsys, ["smoke", "--device", "bogus"], "--device", "bogus")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
