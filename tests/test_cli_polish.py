@@ -87,7 +87,32 @@ def test_eval_default_out_is_the_checkpoint_directory(run_dir, tmp_path, capsys)
     assert main(["eval", str(run), "--max-batches", "1"]) == 0
     ckpt = Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["checkpoint"])
     assert ckpt.parent == run / "checkpoints"
-    assert sorted(p.name for p in ckpt.glob("ap_*")) == [f"ap_{ckpt.name}_test.{e}" for e in ("json", "png")]
+    want = [f"ap_{ckpt.name}_test_first1.{e}" for e in ("json", "png")]  # a partial evaluation says so
+    assert sorted(p.name for p in ckpt.glob("ap_*")) == want
+
+
+def test_eval_keeps_an_earlier_result_unless_overwrite(run_dir, tmp_path, capsys):
+    """A second eval replaced the first one's AP files (found by an audit), and two runs evaluated
+    into one --out wrote the same name."""
+    import hashlib
+
+    def digests(d: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("ap_*"))}
+
+    run, other = shutil.copytree(run_dir, tmp_path / "r"), shutil.copytree(run_dir, tmp_path / "q")
+    out = tmp_path / "o"
+    assert main(["eval", str(run), "--out", str(out), "--max-batches", "1"]) == 0
+    assert main(["eval", str(other), "--out", str(out), "--max-batches", "1"]) == 0
+    capsys.readouterr()
+    first = digests(out)
+    ckpt = (run / "checkpoints" / "latest").read_text().split()[0]
+    names = [f"ap_{r}_{ckpt}_test_first1.{e}" for r in ("r", "q") for e in ("json", "png")]
+    assert sorted(first) == sorted(names)
+    _one_line_error(capsys, ["eval", str(run), "--out", str(out), "--max-batches", "1"],
+                    f"ap_r_{ckpt}_test_first1.json", "earlier result", "--overwrite")
+    assert digests(out) == first
+    assert main(["eval", str(run), "--out", str(out), "--max-batches", "1", "--overwrite"]) == 0
+    assert sorted(digests(out)) == sorted(first)
 
 
 def test_eval_out_that_is_a_file_is_refused_before_any_work(run_dir, tmp_path, capsys):

@@ -11,7 +11,9 @@ it in a field that changes outputs (``model.time_steps``, widths, backbone...) i
 Overrides change e.g. ``data.root`` or ``data.test_split``. Runs on any number of ranks (same
 launchers as training), each on its GPU when there is one; scores are gathered in dataset order,
 rank 0 prints the table and one JSON line and writes the per-class AP JSON/PNG into ``--out``
-(default: the checkpoint directory, or the converted file's directory).
+(default: the checkpoint directory, or the converted file's directory). Their name says what was
+evaluated (the run, when ``--out`` may be shared; ``_first<N>`` for ``--max-batches N``), and an
+earlier result of that name is kept unless ``--overwrite``: checked before any work.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import torch
 EXIT_STATUSES = """exit status:
   0  evaluated; the metrics JSON line is on stdout
   2  bad input: missing/damaged/unsafe checkpoint, pointer outside its run, bad or disagreeing
-     config, missing dataset (one line on stderr naming the file or key)"""
+     config, missing dataset, an earlier result in the way without --overwrite (one line on
+     stderr naming the file or key)"""
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +59,9 @@ def register(parser: argparse.ArgumentParser) -> None:
         help="evaluate only the first N batches per rank (default 0: all batches)",
     )
     parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier result of the same name in --out"
+    )
+    parser.add_argument(
         "--trust-checkpoint",
         action="store_true",
         help="allow pickled objects in the checkpoint files (they can run code: only for files you trust)",
@@ -73,6 +79,15 @@ def _non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0 (0: all batches), got {value}")
     return value
+
+
+def result_tag(ckpt: Path, kind: str, split: str, max_batches: int, shared_out: bool) -> str:
+    """The name of an evaluation's AP files: checkpoint and split, the run when ``--out`` may
+    gather several runs' results, and the batch limit of a partial evaluation."""
+    tag = f"{ckpt.stem}_{split}"
+    if shared_out and kind != "converted":  # RUN/checkpoints/epoch_0003 -> RUN_epoch_0003_test
+        tag = f"{ckpt.parent.parent.name}_{tag}"
+    return f"{tag}_first{max_batches}" if max_batches else tag
 
 
 def _fail(e: BaseException) -> int:
@@ -132,10 +147,12 @@ def run(args: argparse.Namespace) -> int:
         return _fail(e)
     ckpt: Path = meta["checkpoint"]
     out = args.out or (ckpt.parent if meta["kind"] == "converted" else ckpt)
+    tag = result_tag(ckpt, meta["kind"], d.test_split, args.max_batches, shared_out=args.out is not None)
+    if (out / f"ap_{tag}.json").exists() and not args.overwrite:
+        return _fail(ValueError(f"{out / f'ap_{tag}.json'} holds an earlier result; pass --overwrite "
+                                "to replace it, or --out another directory"))
     try:
-        result = evaluate_model(
-            model, loader, device, torch.float32, out, f"{ckpt.stem}_{d.test_split}", names, args.max_batches
-        )
+        result = evaluate_model(model, loader, device, torch.float32, out, tag, names, args.max_batches)
     except UnsafePathError as e:
         return _fail(e)
     if result is not None:
