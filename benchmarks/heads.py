@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 
 from sst_dist.config import RunConfig  # noqa: E402
 from sst_dist.model import ModelConfig, SSTModel, cooccurrence_adjacency  # noqa: E402
+from sst_dist.results_out import OVERWRITE_HELP, OutputRefused, file_output  # noqa: E402
 from sst_dist.train.state import DistributedSST  # noqa: E402
 
 IMPLS = ("reference", "fused")
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads (default 1: steadier on a shared host; 0: torch default)",
     )
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/heads-<date>.json)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     lows = {"classes": 2, "batch": 1, "spatial": 1, "feature_dim": 1, "repeats": 1, "warmup": 0,
@@ -276,19 +278,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, low in lows.items():
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    if args.out and os.path.isdir(args.out):
-        p.error(f"--out {args.out}: is a directory; give the JSON file's path")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_child:
         rss_child(args)
         return 0
+    default = os.path.join(ROOT, "benchmarks", "results", f"heads-{dt.date.today().isoformat()}.json")
+    try:  # before any work: a refused output would otherwise lose the run's numbers
+        results = file_output(args.out, default, overwrite=args.overwrite)
+    except OutputRefused as e:
+        return e.exit(p.prog)
     res = run_heads(args)
     full = run_full(args) if args.full_step else None
     lines = report(res, full)
     print("\n".join(lines))
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"heads-{dt.date.today().isoformat()}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     meta = {
         "date": dt.datetime.now(dt.UTC).isoformat(),
         "torch": torch.__version__,
@@ -296,8 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": platform.processor() or platform.machine(),
         "config": {k: v for k, v in vars(args).items() if k != "rss_child"},
     }
-    with open(out, "w") as fh:
-        json.dump({"meta": meta, "heads": res, "full_step": full, "table": lines}, fh, indent=1)
+    out = results.write(json.dumps({"meta": meta, "heads": res, "full_step": full, "table": lines}, indent=1))
     print(f"wrote {out}")
     return 0
 

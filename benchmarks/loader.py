@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_shards.loaders import build_loader  # noqa: E402
 from data_shards.loaders.dali_loader import dali_available  # noqa: E402
 from data_shards.writer import ShardWriter  # noqa: E402
+from sst_dist.results_out import OVERWRITE_HELP, OutputRefused, dir_output  # noqa: E402
 
 
 def photo_like(rng: np.random.Generator, w: int = 640, h: int = 480) -> bytes:
@@ -124,7 +125,7 @@ def time_loader(make, epochs: int) -> tuple[float, float, int]:
     return rate, 1e3 * (_cpu_seconds() - cpu0) / total, n
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=os.environ.get("SST_BENCH_PROG"),
                                  description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--images", type=int, default=200)
@@ -134,7 +135,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per configuration, in shuffled order")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"),
                     help="folder for loader-<date>.json (default benchmarks/results)")
-    args = ap.parse_args()
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    args = ap.parse_args(argv)
     for name, low in (("images", 1), ("batch_size", 1), ("epochs", 1), ("repeats", 1)):
         if getattr(args, name) < low:
             ap.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
@@ -142,8 +144,10 @@ def main() -> None:
         ap.error(f"--workers must be >= 0, got {min(args.workers)}")
     if args.images < args.batch_size:
         ap.error(f"--images {args.images} is fewer than one batch (--batch-size {args.batch_size})")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        ap.error(f"--out {args.out}: exists and is not a directory")
+    try:  # before any work: a refused output would otherwise lose the run's numbers
+        results = dir_output(args.out, [f"loader-{dt.date.today()}.json"], overwrite=args.overwrite)
+    except OutputRefused as e:
+        return e.exit(ap.prog)
     cuda = torch.cuda.is_available()
     backends = ["torch"] + (["dali"] if dali_available() else []) + (["torch-gpu"] if cuda else [])
     device = "cuda" if cuda else "cpu"
@@ -186,10 +190,7 @@ def main() -> None:
     # the CPU default: the lower CPU cost per image (wall rates on a shared machine are noisy)
     best = min(cpu_rows, key=lambda r: r["cpu_ms_per_image"])["backend"] if cpu_rows else None
     print(f"fastest CPU backend: {best}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"loader-{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps({
+    path = results.write(json.dumps({
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "host": platform.node(),
         "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "cuda": cuda,
         "images": args.images, "mean_kb": round(float(kb), 1), "batch_size": args.batch_size,
@@ -197,7 +198,8 @@ def main() -> None:
         "fastest_cpu_backend": best,
     }, indent=1) + "\n")
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -172,6 +172,9 @@ def markdown(rows: list[dict[str, Any]], extra: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(ROOT))
+    from sst_dist.results_out import OVERWRITE_HELP, OutputRefused, file_output
+
     p = argparse.ArgumentParser(prog=os.environ.get("SST_BENCH_PROG"), description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every launch")
     p.add_argument("--config", default=str(DEBUG_CONFIG))
@@ -186,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/step-<host>-<date>.json)"
     )
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = p.parse_args(argv)
     if min(args.ranks) < 1 or any(z not in (0, 1, 2, 3) for z in args.zero) or args.repeats < 1:
         p.error(
@@ -195,13 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.config).is_file():
         p.error(f"--config {args.config}: no such file")
     args.config = str(Path(args.config).resolve())  # the launches run in the repository root
-    sys.path.insert(0, str(ROOT))
     from sst_dist.config import ConfigError, load_config
 
     try:  # a mistyped override is an argument error here, not a failure of every launch
         load_config(args.config, [*args.overrides, "train.zero_stage=0"])
     except (ConfigError, FileNotFoundError) as e:
         p.error(str(e))
+    default = ROOT / "benchmarks" / "results" / f"step-{platform.node()}-{dt.date.today().isoformat()}.json"
+    try:  # before any launch: a refused output would otherwise lose the run's numbers
+        results = file_output(args.out, default, overwrite=args.overwrite)
+    except OutputRefused as e:
+        return e.exit(p.prog)
     if 1 not in args.ranks and max(args.ranks) > 1:
         print("note: without --ranks 1 there is no scaling baseline", file=sys.stderr)
 
@@ -239,13 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         **extra,
         "markdown": table,
     }
-    out = (
-        Path(args.out)
-        if args.out
-        else (ROOT / "benchmarks" / "results" / f"step-{platform.node()}-{dt.date.today().isoformat()}.json")
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = results.write(json.dumps(result, indent=1))
     print(table)
     print(f"wrote {out}")
     return 0

@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from sst_dist.results_out import OVERWRITE_HELP, OutputRefused, dir_output  # noqa: E402
+
 DEBUG_CONFIG = ROOT / "launch" / "configs" / "debug.yaml"
 PARTS = ("heads", "loader", "profile", "step", "kernels")
 
@@ -168,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=os.environ.get("SST_BENCH_PROG"), description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes: a sanity pass in a few minutes")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma list of parts ({', '.join(PARTS)})")
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"),
+                   help="folder for <machine>-<date>[-quick].json and .md (default benchmarks/results)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument(
         "--threads",
         type=int,
@@ -184,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     if bad or not parts:
         p.error(f"--only: unknown part(s) {bad}; choose from {', '.join(PARTS)}")
     timeout = args.timeout or (900.0 if args.quick else 3600.0)
+    name = f"{machine_name()}-{dt.datetime.now(dt.UTC).date().isoformat()}{'-quick' if args.quick else ''}"
+    try:  # before any part runs: a refused output would otherwise lose every part's numbers
+        results = dir_output(args.out_dir, [f"{name}.json", f"{name}.md"], overwrite=args.overwrite,
+                             flag="--out-dir")
+    except OutputRefused as e:
+        return e.exit(p.prog)
     scratch = Path(tempfile.mkdtemp(prefix="sst-suite-"))
     env = dict(os.environ)
     env.pop("SST_BENCH_PROG", None)  # the benchmarks it runs name themselves
@@ -209,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     now = dt.datetime.now(dt.UTC)
-    name = f"{machine_name()}-{now.date().isoformat()}{'-quick' if args.quick else ''}"
     result = {
         "suite": "sst-dist",
         "omp_num_threads": env.get("OMP_NUM_THREADS"),
@@ -222,9 +232,6 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_at_end": os.getloadavg(),
         "parts": records,
     }
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
     md = [
         f"# Benchmark suite: {result['machine']}, {now:%Y-%m-%d %H:%M} UTC{' (quick)' if args.quick else ''}",
         "",
@@ -233,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for part, rec in records.items():
         md += render(part, rec)
-    (out_dir / f"{name}.md").write_text("\n".join(md))
     print("\n".join(md))
-    print(f"wrote {out_dir / name}.json and .md")
+    out = results.write(json.dumps(result, indent=1, default=str), "\n".join(md))
+    print(f"wrote {out} and {results.paths[1].name}")
     failed = [k for k, v in records.items() if v.get("returncode") != 0]
     return 1 if failed else 0
 

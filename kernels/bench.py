@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from data_shards.safe_io import atomic_write_text
+from sst_dist.results_out import OVERWRITE_HELP, OutputRefused, dir_output
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile form")
     p.add_argument("--budget-s", type=float, default=90.0, help="no new torch.compile forms after this")
     p.add_argument("--out", default=None, help="result folder (default benchmarks/results; smoke: tmp)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     a = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -324,6 +325,16 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         if not a.smoke:
             raise SystemExit("no CUDA GPU: only --smoke runs here (CPU, Triton interpreter)")
+    # smoke: a fresh private directory (mkdtemp), not a guessable name in the shared temp dir
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out_dir = a.out or (
+        tempfile.mkdtemp(prefix="sst-kernels-") if a.smoke else os.path.join(repo, "benchmarks", "results")
+    )
+    try:  # before any work: a refused output would otherwise lose the run's numbers
+        results = dir_output(out_dir, [f"kernels-{card_name()}-{dt.datetime.now(dt.UTC):%Y%m%d}.json"],
+                             overwrite=a.overwrite)
+    except OutputRefused as e:
+        return e.exit(p.prog)
     dev = torch.device("cuda" if cuda else "cpu")
     shapes = (
         dict(C=5, S=7, Dd=16, Dp=16, Fd=24, K=6)
@@ -346,13 +357,6 @@ def main(argv: list[str] | None = None) -> int:
         "ceilings": ceil,
         "runs": [],
     }
-    # smoke: a fresh private directory (mkdtemp), not a guessable name in the shared temp dir
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out_dir = a.out or os.path.join(repo, "benchmarks", "results")
-    if a.smoke and not a.out:
-        out_dir = tempfile.mkdtemp(prefix="sst-kernels-")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"kernels-{card_name()}-{dt.datetime.now(dt.UTC):%Y%m%d}.json")
     all_ok = True
     for dname in a.dtypes.split(","):
         dtype = getattr(torch, dname)
@@ -367,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                 report(case["name"], dname, B, chk, rows)
                 result["all_ok"], result["wall_s"] = all_ok, time.time() - t0
                 # rewritten after every case (a killed run keeps its numbers); atomic, follows no link
-                atomic_write_text(path, json.dumps(result, indent=1))
+                path = results.write(json.dumps(result, indent=1))
     print(f"\nall checks {'passed' if all_ok else 'FAILED'}; {result['wall_s']:.0f} s; wrote {path}")
     return 0 if all_ok else 1
 

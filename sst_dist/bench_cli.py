@@ -29,7 +29,9 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
 EXIT_STATUSES = """exit status:
   0  the benchmark ran and finished
   2  NAME unknown, or the benchmarks are not there (not a source checkout): one line on stderr
-  *  otherwise the benchmark script's own exit status (2 for its argument errors, 1 for a crash)"""
+  *  otherwise the benchmark script's own exit status (2 for its argument errors or an output it
+     will not write, checked before any work: an existing --out without --overwrite, a link; 1 for
+     a crash); a dated default results name already taken gets a free -2, -3 suffix"""
 
 
 def register(parser: argparse.ArgumentParser) -> None:
