@@ -89,21 +89,23 @@ def _run_jsonl(args: argparse.Namespace) -> int:
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
-    from data_shards.coco import read_coco
-    from data_shards.synthetic import check_generation, generate_scenes, generation_params, record_params
+    from data_shards.synthetic import check_generation, generation_params
+    from data_shards.synthetic_build import build_synthetic
 
     check_generation(args.n_train, args.n_test, args.num_classes, args.image_size, args.scenes,
                      args.difficulty, names=SYNTHETIC_FLAGS)  # before anything is written
-    raw = args.raw_dir or (args.out / "raw-synthetic")
-    paths = generate_scenes(raw, args.n_train, args.n_test, num_classes=args.num_classes,
-                            image_size=args.image_size, seed=args.seed, num_scenes=args.scenes,
-                            num_workers=args.workers, difficulty=args.difficulty)
-    for split, (ann, image_dir) in paths.items():
-        if (args.n_train, args.n_test)[split == "test"] == 0:
-            continue
-        _convert(read_coco(ann, image_dir), args, split)
-    record_params(args.out, generation_params(args.n_train, args.n_test, args.num_classes, args.image_size,
-                                              args.seed, args.scenes, args.difficulty))
+    params = generation_params(args.n_train, args.n_test, args.num_classes, args.image_size, args.seed,
+                               args.scenes, args.difficulty)
+    built = build_synthetic(args.out, params, name=args.name, raw_dir=args.raw_dir, overwrite=args.overwrite,
+                            num_workers=args.workers, progress=not args.no_progress,
+                            shard_bytes=args.shard_bytes, bad_images=args.bad_images,
+                            max_pixels=args.max_pixels)
+    for split, info in built.infos.items():
+        print(f"{args.name}/{split}: {info['num_samples']} samples, {len(info['classes'])} classes, "
+              f"{len(info['shards'])} shard(s) in {args.out}")
+    for split in built.removed:
+        print(f"{args.name}/{split}: the old split was removed (--n-test 0)")
+    print(f"raw COCO files and JPEGs in {built.raw}")
     return 0
 
 
@@ -186,8 +188,13 @@ def register(parser: argparse.ArgumentParser) -> None:
                    help="easy: large clean objects; hard: small objects, look-alike distractors, clutter, "
                         "lighting and blur (default easy)")
     p.add_argument("--raw-dir", type=Path, default=None,
-                   help="where the COCO JSON + JPEGs go (default OUT/raw-synthetic)")
+                   help="where the COCO JSON + JPEGs go (default OUT/raw-synthetic): a new or empty folder, "
+                        "or the one an earlier run made for this --out (replaced with --overwrite)")
     _common(p, "synthetic", split_required=False)
+    next(a for a in p._actions if a.dest == "overwrite").help = (
+        "replace this dataset (its train and test splits, synthetic.json and raw folder; with --n-test 0 "
+        "an old test split is removed), swapped in once the new one is complete; never another --name's "
+        "dataset or files this command did not make")
     p.set_defaults(func=_guarded(_run_synthetic))
 
     p = sub.add_parser("verify", epilog=VERIFY_EXIT,

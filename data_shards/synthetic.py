@@ -15,6 +15,7 @@ background clutter, and per-image lighting, contrast, colour cast and blur.
 Everything is a pure function of ``(seed, split, image index, difficulty)``: the same seed gives
 the same bytes, whatever the number of worker processes. The generation parameters are recorded
 in ``synthetic.json`` beside the shards, so data built with other settings is refused, not reused.
+:mod:`data_shards.synthetic_build` generates and shards a whole dataset, all or nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import io
 import json
 import math
 import multiprocessing as mp
+import os
 from pathlib import Path
 
 import numpy as np
@@ -258,10 +260,16 @@ def generate_scenes(out_dir: str | Path, n_train: int, n_test: int, num_classes:
     """Write both splits; returns {split: (instances JSON path, image directory)}.
 
     ``n_train`` must be at least 1; ``n_test`` may be 0 (the test annotation file then lists no
-    images, and ``sst-dist shards synthetic`` writes no test split).
+    images, and ``sst-dist shards synthetic`` writes no test split). ``out_dir`` must not hold
+    scenes or COCO files yet (FileExistsError, before anything is written).
     """
     check_generation(n_train, n_test, num_classes, image_size, num_scenes, difficulty)
     out = Path(out_dir)
+    for split in SPLITS:  # never write over scenes (or a user's COCO files) already there
+        ann, images = out / f"instances_{split}.json", out / split
+        if os.path.lexists(ann) or (images.is_dir() and any(images.iterdir())) or images.is_symlink():
+            raise FileExistsError(f"{out} already holds {ann.name if os.path.lexists(ann) else split + '/'}; "
+                                  "generate into a new or empty folder")
     scenes = scene_classes(num_classes, num_scenes, seed)
     categories = [{"id": k + 1, "name": name, "supercategory": "shape"}
                   for k, name in enumerate(class_names(num_classes))]
@@ -304,9 +312,15 @@ def generation_params(n_train: int, n_test: int, num_classes: int, image_size: i
             "seed": seed, "num_scenes": num_scenes, "difficulty": difficulty}
 
 
-def record_params(shard_dir: str | Path, params: dict[str, object]) -> None:
-    """Write ``synthetic.json`` (atomically, never through a planted link) beside the shards."""
-    atomic_write_text(Path(shard_dir) / PARAMS_FILE, json.dumps(params, indent=1, sort_keys=True) + "\n")
+def record_params(shard_dir: str | Path, params: dict[str, object], name: str | None = None) -> None:
+    """Write ``synthetic.json`` (atomically, never through a planted link) beside the shards.
+
+    ``name`` (the dataset name in the shard file names) is recorded too, so a second dataset is
+    not given the first one's record; :func:`check_params` compares only ``params``, and records
+    from before the name (none) still read.
+    """
+    doc = {**params, "name": name} if name is not None else dict(params)
+    atomic_write_text(Path(shard_dir) / PARAMS_FILE, json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
 def check_params(shard_dir: str | Path, params: dict[str, object]) -> None:

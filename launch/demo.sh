@@ -21,6 +21,15 @@ Options:
   --fresh          regenerate the shards and start the run from scratch
   -h, --help       show this message
 
+Every argument (the config and the overrides included) is checked before any work. Shards in
+DIR/data are reused when both splits are there and were made with the config's settings; the
+demo never replaces data it did not make: anything else there (a lone split, other files) is
+refused, as are shards of other settings (exit 2, one line): --fresh deletes DIR/data and
+DIR/train and starts over. Each evaluation writes a new folder (DIR/train/eval, eval-2, ...)
+and is appended to DIR/train/eval.log.
+Exit status: 0 done; 2 bad arguments or data the demo will not reuse; otherwise that of the
+failed step.
+
 Environment: SST_ROOT (repository root; default this script's parent), SST_VENV (virtualenv,
 default $SST_ROOT/.venv). The first DeepSpeed start builds a CPU comm op (~2 min, cached).
 EOF
@@ -50,17 +59,21 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 overrides=("$@")
-[[ "$ranks" =~ ^[1-9][0-9]*$ ]] || die "--ranks must be a positive integer, got '$ranks'"
-[[ -f "$config" ]] || die "config file '$config' does not exist"
+refuse() { echo "demo.sh: $*" >&2; exit 2; }  # data the demo did not make: one line, nothing touched
 
 # shellcheck source=launch/common.sh
 source "$SST_ROOT/launch/common.sh"
+# every argument is checked before any work (nothing is created or generated until they pass)
+is_pos_int "$ranks" || die "--ranks must be a positive integer, got '$ranks'"
+is_port "$port" || die "--port must be a port number (1-65535), got '$port'"
+[[ -f "$config" ]] || die "config file '$config' does not exist"
+[[ -n "$out" ]] || die "--out must not be empty"
+[[ ! -e "$out" || -d "$out" ]] || die "--out '$out' exists and is not a directory"
 find_python
 export DS_ACCELERATOR=cpu
 sst() { "$PYTHON" -m sst_dist.cli "$@"; }
+out=$("$PYTHON" -c 'import os, sys; print(os.path.abspath(sys.argv[1]))' "$out")  # absolute, not created yet
 
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
 data_dir=$out/data
 run_root=$out
 run_name=train
@@ -69,20 +82,30 @@ run_overrides=("data.root=$data_dir" "data.synthetic.enabled=false" "output.root
                "output.name=$run_name" "${overrides[@]}")
 step() { printf '\n==> %s\n' "$*"; }
 
-# 1. synthetic scenes -> shards, sized by the config (and the user's overrides).
-step "1/4 synthetic scenes -> shards in $data_dir"
-read -r n_classes n_train n_test img seed difficulty < <("$PYTHON" - "$config" "${run_overrides[@]}" <<'PY'
+# the config and the user's overrides (sizes of the synthetic scenes among them), checked now
+settings=$("$PYTHON" - "$config" "${run_overrides[@]}" <<'PY'
 import sys
-from sst_dist.config import load_config
-cfg = load_config(sys.argv[1], sys.argv[2:])
+from sst_dist.config import ConfigError, load_config
+try:
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+except (ConfigError, OSError, ValueError) as e:
+    print(f"demo.sh: {e}", file=sys.stderr)
+    sys.exit(2)
 s = cfg.data.synthetic
 print(cfg.model.num_classes, s.num_train, s.num_test, s.image_size, s.seed, s.difficulty)
 PY
-)
+) || exit 2
+read -r n_classes n_train n_test img seed difficulty <<<"$settings"
+
+mkdir -p "$out"
+
+# 1. synthetic scenes -> shards, sized by the config (and the user's overrides).
+step "1/4 synthetic scenes -> shards in $data_dir"
 if [[ $fresh -eq 1 ]]; then
   rm -rf "$data_dir" "$run_dir"
 fi
-if compgen -G "$data_dir/*-train-_info.json" >/dev/null && compgen -G "$data_dir/*-test-_info.json" >/dev/null; then
+has_split() { compgen -G "$data_dir/*-$1-_info.json" >/dev/null; }
+if has_split train && has_split test; then
   # shards made with other settings (an older demo's easy scenes) are refused, not reused
   "$PYTHON" - "$data_dir" "$n_train" "$n_test" "$n_classes" "$img" "$seed" "$difficulty" <<'PY'
 import sys
@@ -95,9 +118,15 @@ except ValueError as e:
     sys.exit(2)
 PY
   echo "shards already in $data_dir (use --fresh to regenerate)"
+elif [[ -e "$data_dir" || -L "$data_dir" ]] && [[ ! -d "$data_dir" || -n "$(ls -A "$data_dir")" ]]; then
+  # a lone split, raw scenes or someone's files: the demo replaces only data it makes itself
+  what="no train and test shards"
+  has_split train && what="a train split but no test split"
+  has_split test && what="a test split but no train split"
+  refuse "$data_dir holds $what; nothing was changed: use --fresh to regenerate it (deletes $data_dir and $run_dir)"
 else
   sst shards synthetic --out "$data_dir" --n-train "$n_train" --n-test "$n_test" --num-classes "$n_classes" \
-    --image-size "$img" --seed "$seed" --difficulty "$difficulty" --no-progress --overwrite
+    --image-size "$img" --seed "$seed" --difficulty "$difficulty" --no-progress
 fi
 
 # 2. training: 2 CPU ranks under the deepspeed launcher.
@@ -120,12 +149,21 @@ if [[ -f "$run_dir/checkpoints/best" ]]; then
   best=$run_dir/checkpoints/$(head -n 1 "$run_dir/checkpoints/best")
   [[ -d "$best" ]] && ckpt=$best
 fi
+# An earlier invocation's results stay: each evaluation gets its own folder (eval, eval-2, ...)
+# and is appended to eval.log.
+eval_dir=$run_dir/eval
+n=1
+while [[ -e "$eval_dir" || -L "$eval_dir" ]]; do
+  n=$((n + 1))
+  eval_dir=$run_dir/eval-$n
+done
 eval_log=$run_dir/eval.log
-sst eval "$ckpt" --out "$run_dir/eval" 2>&1 | tee "$eval_log"
+echo "# evaluation of $ckpt into $eval_dir, $(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"$eval_log"
+sst eval "$ckpt" --out "$eval_dir" 2>&1 | tee -a "$eval_log"
 
 # 4. where everything is.
 step "4/4 results"
-"$PYTHON" - "$run_dir" <<'PY'
+"$PYTHON" - "$run_dir" "$eval_dir" <<'PY'
 import json
 import sys
 from pathlib import Path
@@ -134,7 +172,7 @@ import yaml
 
 from sst_dist.metrics import format_table
 
-run = Path(sys.argv[1])
+run, eval_dir = Path(sys.argv[1]), Path(sys.argv[2]).name
 records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 evals = [r for r in records if r.get("kind") == "eval"]
 epochs = [r for r in records if r.get("kind") == "epoch"]
@@ -161,7 +199,7 @@ if final:
 print("\nfiles:")
 for label, pattern in (("run directory", "."), ("training log", "train.log"), ("evaluation log", "eval.log"),
                        ("metrics (JSON lines)", "metrics.jsonl"), ("resolved config", "config.yaml"),
-                       ("checkpoints", "checkpoints"), ("per-class AP plots", "eval/*.png"),
+                       ("checkpoints", "checkpoints"), ("per-class AP plots", f"{eval_dir}/*.png"),
                        ("TensorBoard", "tensorboard")):
     hits = sorted(run.glob(pattern)) if pattern != "." else [run]
     if hits:

@@ -52,8 +52,9 @@ def ensure_synthetic(cfg: RunConfig) -> None:
     """Rank 0 generates and converts the synthetic scenes when ``data.synthetic.enabled`` and absent.
 
     Existing shards are reused only if their recorded generation parameters (``synthetic.json``)
-    match the config; otherwise a one-line ConfigError names the file and the differing key. A
-    failure on rank 0 is broadcast, so every rank raises it instead of waiting for rank 0.
+    match the config; otherwise a one-line ConfigError names the file and the differing key. New
+    scenes go only into an absent or empty ``data.root`` (a DataError otherwise: nothing there is
+    replaced). A failure on rank 0 is broadcast, so every rank raises it instead of waiting for rank 0.
     """
     s, root = cfg.data.synthetic, Path(cfg.data.root)
     if not s.enabled:
@@ -73,24 +74,34 @@ def ensure_synthetic(cfg: RunConfig) -> None:
 
 
 def _prepare_synthetic(cfg: RunConfig, s: Any, root: Path) -> None:
-    """Rank 0's part of :func:`ensure_synthetic`: check or generate and convert the scenes."""
+    """Rank 0's part of :func:`ensure_synthetic`: check the scenes, or generate and convert them.
+
+    Both splits there: their record must match the config (ConfigError). Otherwise scenes are
+    generated only into an absent or empty ``data.root``; anything else there (a lone split, raw
+    scenes, a user's files) is refused with a DataError naming the folder, and left as it was.
+    """
     from data_shards import format as fmt
     from data_shards import synthetic as synth
+    from data_shards.safe_io import UnsafePathError
+    from data_shards.synthetic_build import build_synthetic
 
     params = synth.generation_params(s.num_train, s.num_test, s.num_classes, s.image_size, s.seed,
                                      min(4, s.num_classes), s.difficulty)
-    have = all(
-        list(root.glob(f"*-{split}-_info.json")) for split in (cfg.data.train_split, cfg.data.test_split)
-    )
-    if have:
+    splits = (cfg.data.train_split, cfg.data.test_split)
+    have = [split for split in splits if list(root.glob(f"*-{split}-_info.json"))]
+    if len(have) == len(splits):
         try:
             synth.check_params(root, params)
         except ValueError as e:  # the config asks for other data than data.root holds
             raise ConfigError(f"data.synthetic: {e}") from None
     else:
-        from data_shards.coco import read_coco
-        from data_shards.convert import convert_labeled
-
+        if (root.exists() or root.is_symlink()) and (not root.is_dir() or any(root.iterdir())):
+            held = (f"holds the {have[0]!r} split but no {next(x for x in splits if x not in have)!r} split"
+                    if have else "is not empty but holds no synthetic train and test splits"
+                    if root.is_dir() else "is not a directory")
+            raise DataError(f"data.root={root} {held}; data.synthetic generates only into an empty or "
+                            "absent directory and replaces nothing: point data.root at a new directory "
+                            "(or, if nothing there is needed, remove it and run again)")
         log.info(
             "generating synthetic scenes (%d train, %d test, %d classes, %dpx, %s) in %s",
             s.num_train,
@@ -100,28 +111,10 @@ def _prepare_synthetic(cfg: RunConfig, s: Any, root: Path) -> None:
             s.difficulty,
             root,
         )
-        paths = synth.generate_scenes(
-            root / "raw-synthetic",
-            s.num_train,
-            s.num_test,
-            num_classes=s.num_classes,
-            image_size=s.image_size,
-            seed=s.seed,
-            num_scenes=min(4, s.num_classes),
-            difficulty=s.difficulty,
-        )
-        for split, (ann, images) in paths.items():
-            out_split = cfg.data.train_split if split == "train" else cfg.data.test_split
-            convert_labeled(
-                read_coco(ann, images),
-                root,
-                "synthetic",
-                out_split,
-                num_workers=0,
-                progress=False,
-                overwrite=True,
-            )
-        synth.record_params(root, params)
+        try:
+            build_synthetic(root, params, name="synthetic", splits=splits, num_workers=0, progress=False)
+        except (ValueError, FileExistsError, NotADirectoryError, UnsafePathError) as e:
+            raise DataError(f"data.root={root}: {e}") from None
     fmt.find_info(root, cfg.data.train_split)
 
 
