@@ -30,7 +30,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-RES=${GPU_RESULTS:-/tmp/sst-gpu}
+# each call writes into its own folder (a rerun on a warm machine refuses nothing and replaces
+# nothing); the generated data is shared by the calls of one machine
+RES_ROOT=${GPU_RESULTS:-/tmp/sst-gpu}
+RES=$RES_ROOT/call-$(date +%H%M%S)-$$
 DEST=${OUT:-benchmarks/results}
 BUDGET_S=${BUDGET_S:-480}
 MIN_STEP_S=30
@@ -109,7 +112,7 @@ run_profile_autocast() { profile profile-autocast bf16-autocast; }
 run_profile_fp32() { profile profile-fp32 fp32; }
 run_profile_autocast_base() {  # own data and run roots, so neither tree reads the other's shards
   base_tree || { no_base profile-autocast-base; return; }
-  step profile-autocast-base 100 env SST_DATA_ROOT="$RES/base-data" SST_OUTPUT_ROOT="$RES/base-runs" \
+  step profile-autocast-base 100 env SST_DATA_ROOT="$RES_ROOT/base-data" SST_OUTPUT_ROOT="$RES/base-runs" \
     PYTHONPATH="$(base_path)" bash -c "cd /tmp/base && $PY -m sst_dist.cli profile $PROFILE \
     train.precision=bf16-autocast output.name=profile-autocast-base --out $RES/profile-autocast-base \
     --steps 8 --profile-steps 2"
@@ -124,7 +127,7 @@ if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c "import deepspeed" 2>/dev/nu
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SST_VENV=/nonexistent
-export SST_DATA_ROOT=$RES/data SST_OUTPUT_ROOT=$RES/runs
+export SST_DATA_ROOT=$RES_ROOT/data SST_OUTPUT_ROOT=$RES/runs
 day=$(date +%F)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$RES/gpu-card.txt"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 \

@@ -61,9 +61,9 @@ def _link_no_clobber(tmp: str, path: Path) -> bool:
         return False
 
 
-def atomic_write_text(path: str | Path, text: str, mode: int = 0o644) -> Path:
+def atomic_write_text(path: str | Path, text: str, mode: int = 0o644, exclusive: bool = False) -> Path:
     """:func:`atomic_write_bytes` for UTF-8 text."""
-    return atomic_write_bytes(path, text.encode("utf-8"), mode)
+    return atomic_write_bytes(path, text.encode("utf-8"), mode, exclusive)
 
 
 def open_append(path: str | Path):

@@ -25,8 +25,8 @@ Every argument (the config and the overrides included) is checked before any wor
 DIR/data are reused when both splits are there and were made with the config's settings; the
 demo never replaces data it did not make: anything else there (a lone split, other files) is
 refused, as are shards of other settings (exit 2, one line): --fresh deletes DIR/data and
-DIR/train and starts over. Each evaluation writes a new folder (DIR/train/eval, eval-2, ...)
-and is appended to DIR/train/eval.log.
+DIR/train and starts over. The evaluation's AP files go to DIR/train/eval beside training's
+own, and each evaluation is appended to DIR/train/eval.log.
 Exit status: 0 done; 2 bad arguments or data the demo will not reuse; otherwise that of the
 failed step.
 
@@ -149,17 +149,12 @@ if [[ -f "$run_dir/checkpoints/best" ]]; then
   best=$run_dir/checkpoints/$(head -n 1 "$run_dir/checkpoints/best")
   [[ -d "$best" ]] && ckpt=$best
 fi
-# An earlier invocation's results stay: each evaluation gets its own folder (eval, eval-2, ...)
-# and is appended to eval.log.
+# beside training's own evaluations (ap_<run>_<checkpoint>_test.*): the demo's evaluation of its
+# own run, so a rerun may replace it (same checkpoint, same result); eval.log keeps every one
 eval_dir=$run_dir/eval
-n=1
-while [[ -e "$eval_dir" || -L "$eval_dir" ]]; do
-  n=$((n + 1))
-  eval_dir=$run_dir/eval-$n
-done
 eval_log=$run_dir/eval.log
-echo "# evaluation of $ckpt into $eval_dir, $(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"$eval_log"
-sst eval "$ckpt" --out "$eval_dir" 2>&1 | tee -a "$eval_log"
+echo "# evaluation of $ckpt, $(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"$eval_log"
+sst eval "$ckpt" --out "$eval_dir" --overwrite 2>&1 | tee -a "$eval_log"
 
 # 4. where everything is.
 step "4/4 results"

@@ -7,7 +7,6 @@ still free (or, with --overwrite, renamed over it)."""
 import itertools
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from data_shards.safe_io import atomic_write_text
@@ -26,24 +25,6 @@ def _suffixed(paths: list[Path], k: int) -> list[Path]:
     return [p if k == 1 else p.with_name(f"{p.stem}-{k}{p.suffix}") for p in paths]
 
 
-def _publish_new(path: Path, text: str) -> None:  # FileExistsError if anything has that name
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        try:
-            os.link(tmp, path)  # atomic, and never replaces what another run made meanwhile
-        except OSError as e:  # FileExistsError, or a file system without hard links
-            if isinstance(e, FileExistsError) or os.path.lexists(path):
-                raise FileExistsError(path) from None
-            os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 class Results:  # the files of one run (one per name, suffixed together), claimed before the work
     def __init__(self, base: list[Path], k: int, replace: bool):
         self.base, self.k, self.replace, self.paths = base, k, replace, _suffixed(base, k)
@@ -55,7 +36,7 @@ class Results:  # the files of one run (one per name, suffixed together), claime
             done: list[Path] = []
             try:
                 for p, text in zip(_suffixed(self.base, k), texts, strict=True):
-                    atomic_write_text(p, text) if self.replace else _publish_new(p, text)
+                    atomic_write_text(p, text, exclusive=not self.replace)  # exclusive: never replaces
                     done.append(p)
                 break
             except FileExistsError:

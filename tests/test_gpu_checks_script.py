@@ -99,3 +99,14 @@ def test_a_call_killed_mid_step_keeps_what_finished(tmp_path: Path) -> None:
     assert "sync-check: rc=0" in files["summary.txt"]
     assert "gpu-step: not run" in files["summary.txt"]
     assert "sync-check.log" in files
+
+
+def test_a_second_call_on_a_warm_machine_writes_its_own_folder(tmp_path: Path) -> None:
+    """The device keeps /tmp between calls while warm: a rerun must neither replace the first
+    call's results nor be refused by the commands that keep earlier outputs (profile, eval, train)."""
+    first, _ = run_checks(tmp_path, "sync-check", budget=200)
+    second, tgz = run_checks(tmp_path, "sync-check", budget=200)
+    assert first.returncode == 0 and second.returncode == 0, second.stdout + second.stderr
+    calls = sorted(p for p in (tmp_path / "res").iterdir() if p.name.startswith("call-"))
+    assert len(calls) == 2 and all((c / "sync-check.log").is_file() for c in calls)
+    assert "sync-check: rc=0" in packed(tgz)["summary.txt"]
