@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_shards.safe_io import atomic_write_text  # noqa: E402
+from sst_dist.results_out import OVERWRITE_HELP, OutputRefused, file_output  # noqa: E402
 
 BASE_CONFIG = ROOT / "launch" / "configs" / "accuracy.yaml"
 DONE = "study-done.json"  # a finished run's result, in its run folder
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "--results", default=None, help="JSON (default benchmarks/results/accuracy-<host>-<date>.json)"
     )
     p.add_argument("--fresh", action="store_true", help="redo runs that already finished")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--keep-checkpoints", action="store_true")
     p.add_argument("--report-only", action="store_true", help="only redraw the report from finished runs")
     p.add_argument(
@@ -254,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in a.set if "=" not in s]
     if bad:
         p.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
+    default_json = ROOT / "benchmarks" / "results" / f"accuracy-{platform.node()}-{dt.date.today()}.json"
+    try:  # before any work: a refused output would otherwise lose the study's report
+        out_json = file_output(a.results, default_json, overwrite=a.overwrite, flag="--results")
+    except OutputRefused as e:
+        return e.exit(p.prog)
     work = Path(a.work).resolve()
     if a.report_only and not finished_runs(work):  # a mistyped --work must not blank the report
         print(f"{p.prog}: --work {work} holds no finished runs (runs/*/{DONE}); nothing to report",
@@ -284,13 +291,6 @@ def main(argv: list[str] | None = None) -> int:
         "methods": {m: METHODS[m] for m in sorted({r["method"] for r in results})},
         "errors": errors,
     }
-    out_json = (
-        Path(a.results)
-        if a.results
-        else (
-            ROOT / "benchmarks" / "results" / f"accuracy-{platform.node()}-{dt.date.today().isoformat()}.json"
-        )
-    )
     print(write_outputs(results, meta, Path(a.docs), out_json))
     return 1 if errors else 0
 

@@ -261,11 +261,11 @@ def splice(doc: str, section: str) -> str:
     return f"{title}\n\n{section}\n{body}" if doc else f"# Accuracy study\n\n{section}\n"
 
 
-def write_outputs(results: list[dict[str, Any]], meta: dict[str, Any], docs: Path, out_json: Path) -> str:
-    """Write the JSON, the study section of docs/accuracy.md and docs/accuracy.png; return the section."""
+def write_outputs(results: list[dict[str, Any]], meta: dict[str, Any], docs: Path, out_json: Any) -> str:
+    """Write the JSON (into ``out_json``, the ``sst_dist.results_out.Results`` claimed before the
+    study ran), the study section of docs/accuracy.md and docs/accuracy.png; return the section."""
     summary = summarize(results)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=1))
+    out_json.write(json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=1))
     docs.mkdir(parents=True, exist_ok=True)
     if results:
         plot(summary, docs / "accuracy.png")

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from heads import step_loss  # noqa: E402
 
 from sst_dist.model import ModelConfig, SSTModel, cooccurrence_adjacency  # noqa: E402
+from sst_dist.results_out import OVERWRITE_HELP, OutputRefused, file_output  # noqa: E402
 from sst_dist.train.batch import trunk_layout  # noqa: E402
 from sst_dist.train.engine_setup import place_model  # noqa: E402
 
@@ -84,10 +85,17 @@ def main() -> None:
                    help="also time each impl with torch.compile(trunk) (compiled in the warm-up)")
     p.add_argument("--fold-bn", action="store_true",
                    help="also time the trunk with its frozen BatchNorms folded into the convolutions")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/, dated)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    default = f"benchmarks/results/gpu-step-{name.replace(' ', '_')}-{dt.date.today()}.json"
+    try:  # before any work: a refused output would otherwise lose the measurements
+        results = file_output(args.out, default, overwrite=args.overwrite)
+    except OutputRefused as e:
+        raise SystemExit(e.exit(p.prog)) from None
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     g = torch.Generator().manual_seed(0)
     partial = torch.randint(-1, 2, (500, args.classes), generator=g)
@@ -118,7 +126,6 @@ def main() -> None:
             if r >= args.warmup:
                 times[v].append(t)
     med = {impl: statistics.median(ts) for impl, ts in times.items()}
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"full SST step on {name}, {args.backbone} at {args.image_size}, B={args.batch}, "
           f"C={args.classes}, {args.precision}; medians of {args.repeats}, interleaved")
     print(f"{'impl':>18} {'s/step':>9} {'img/s':>9} {'vs reference':>13} {'/ backbone':>11}")
@@ -126,11 +133,8 @@ def main() -> None:
         ratio = med["reference"] / t if "reference" in med else float("nan")
         base = med["backbone" + impl[impl.index("+"):] if "+" in impl else "backbone"]  # same trunk
         print(f"{impl:>18} {t:9.4f} {args.batch / t:9.1f} {ratio:12.2f}x {t / base:10.2f}x")
-    out = args.out or f"benchmarks/results/gpu-step-{name.replace(' ', '_')}-{dt.date.today()}.json"
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump({"device": name, "date": str(dt.date.today()), "args": vars(args), "seconds": times,
-                   "median_s": med}, fh, indent=1)
+    out = results.write(json.dumps({"device": name, "date": str(dt.date.today()), "args": vars(args),
+                                    "seconds": times, "median_s": med}, indent=1))
     print(f"wrote {out}")
 
 

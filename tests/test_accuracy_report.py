@@ -56,7 +56,10 @@ def test_write_outputs(tmp_path):
                          "lr_step_epochs": 5, "warmup_epochs": 2, "margin_start": 0.95, "margin_step": 0.05,
                          "margin_min": 0.75}}
     (tmp_path / "accuracy.md").write_text("# Accuracy\n\n## Random trunk\nold study\n")
-    section = write_outputs(RESULTS, meta, tmp_path, tmp_path / "r.json")
+    from sst_dist.results_out import file_output
+
+    results_json = file_output(str(tmp_path / "r.json"), "", overwrite=False)
+    section = write_outputs(RESULTS, meta, tmp_path, results_json)
     md = (tmp_path / "accuracy.md").read_text()
     assert "| **SST - baseline, paired by seed** | +1.50 ± 0.71 (2) |" in section
     assert "| nointer | 10 | 57.00 | 57.00 | -3.00 (1) | -1.00 (1) |" in section

@@ -82,3 +82,14 @@ def test_report_only_with_a_folder_without_runs_writes_nothing(tmp_path, capsys)
     assert rc == 2 and len(err.splitlines()) == 1 and "holds no finished runs" in err, err
     assert (docs / "accuracy.md").read_text() == "# the published study\n"
     assert not results.exists() and not (tmp_path / "typo").exists()
+
+
+def test_an_existing_results_file_is_refused_before_any_work(tmp_path, capsys):
+    """The study's JSON follows the one benchmark output rule (sst_dist.results_out)."""
+    results = tmp_path / "r.json"
+    results.write_text("an earlier study\n")
+    rc = accuracy.main(["--config", str(DEBUG), "--work", str(tmp_path / "w"), "--docs", str(tmp_path / "d"),
+                        "--results", str(results)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--results" in err and "--overwrite" in err, err
+    assert results.read_text() == "an earlier study\n" and not (tmp_path / "w").exists()

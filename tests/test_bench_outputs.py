@@ -278,3 +278,13 @@ def test_suite_twice_keeps_the_first_results(scripts, tmp_path, monkeypatch):
     _victim(json_1)
     assert suite.main([*argv, "--overwrite"]) == 0 and json.loads(json_1.read_text())["parts"]
     assert len(list(tmp_path.iterdir())) == 4
+
+
+def test_gpu_step_refuses_an_existing_file_before_any_work(tmp_path):
+    """The device script's step benchmark follows the same rule (it runs on the CPU too)."""
+    victim = tmp_path / "gpu-step.json"
+    victim.write_text("an earlier card's numbers\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_step.py"), "--out", str(victim)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "exists" in proc.stderr and "--overwrite" in proc.stderr, proc.stderr
+    assert victim.read_text() == "an earlier card's numbers\n" and "full SST step" not in proc.stdout
