@@ -226,6 +226,13 @@ def test_resume_is_a_flag_and_overrides_may_follow_it(capsys):
     assert "exit status: 0 done" in text and "--resume-from PATH" in text and "--trust-checkpoint" in text
 
 
+def test_resume_of_a_run_that_does_not_exist_is_refused_not_started(capsys, tmp_path):
+    """A mistyped output.name with --resume used to warn and train from scratch in a new directory."""
+    rc, lines = _train(capsys, tmp_path / "runs", tmp_path / "data", "output.name=typo", "--resume")
+    assert rc == 2 and len(lines) == 1 and "does not exist" in lines[0] and "drop --resume" in lines[0], lines
+    assert not (tmp_path / "runs" / "typo").exists() and not (tmp_path / "data").exists()
+
+
 # ---------------------------------------------------------------- slow: the real command on a real run
 
 

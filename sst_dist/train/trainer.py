@@ -70,6 +70,11 @@ class Trainer(CheckpointingMixin):
             try:
                 if isinstance(resume, (str, Path)):  # fail fast on a path that holds no checkpoint
                     CheckpointManager(self.run_dir).candidates(resume)
+                elif resume and not self.run_dir.exists():  # a mistyped name is no fresh start
+                    raise rundir.RunDirError(
+                        f"--resume: {self.run_dir} does not exist, so there is no run to continue "
+                        "(check output.root/output.name); drop --resume to start a new run there"
+                    )
                 self.lock = rundir.claim(self.run_dir, resuming=bool(resume), overwrite=overwrite)
             except (rundir.RunDirError, CheckpointError, OSError) as e:
                 problem = str(e)
