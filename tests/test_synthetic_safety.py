@@ -295,7 +295,9 @@ def demo(tmp_path):
     (venv / "python").write_text(
         "#!/usr/bin/env bash\n"
         'if [[ "$1 $2 $3" == "-m sst_dist.cli eval" ]]; then\n'
-        '  out=${@: -1}; [[ ! -e "$out/ap.json" ]] || { echo "$out/ap.json: earlier result" >&2; exit 2; }\n'
+        '  prev=; ow=0\n'
+        '  for a in "$@"; do [[ $prev == --out ]] && out=$a; [[ $a == --overwrite ]] && ow=1; prev=$a; done\n'
+        '  [[ $ow == 1 || ! -e "$out/ap.json" ]] || { echo "$out/ap.json: earlier result" >&2; exit 2; }\n'
         '  mkdir -p "$out" && touch "$out/ap.json" && echo "stub eval $out"; exit 0\n'
         'fi\n'
         f'exec {sys.executable} "$@"\n')
@@ -340,4 +342,5 @@ def test_demo_appends_each_evaluation_to_the_eval_log(tmp_path, demo):
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr
     lines = (out / "train" / "eval.log").read_text().splitlines()
     evals = [x for x in lines if x.startswith("stub eval")]
-    assert evals == [f"stub eval {out / 'train' / 'eval'}", f"stub eval {out / 'train' / 'eval-2'}"], lines
+    assert evals == [f"stub eval {out / 'train' / 'eval'}"] * 2, lines  # its own result, replaced
+    assert sum(x.startswith("# evaluation of") for x in lines) == 2, lines
