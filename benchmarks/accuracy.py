@@ -42,8 +42,8 @@ from accuracy_report import PSEUDO_KEYS, write_outputs  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from data_shards.results_out import OVERWRITE_HELP, OutputRefused, file_output  # noqa: E402
 from data_shards.safe_io import atomic_write_text  # noqa: E402
-from sst_dist.results_out import OVERWRITE_HELP, OutputRefused, file_output  # noqa: E402
 
 BASE_CONFIG = ROOT / "launch" / "configs" / "accuracy.yaml"
 DONE = "study-done.json"  # a finished run's result, in its run folder

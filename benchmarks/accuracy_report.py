@@ -262,7 +262,7 @@ def splice(doc: str, section: str) -> str:
 
 
 def write_outputs(results: list[dict[str, Any]], meta: dict[str, Any], docs: Path, out_json: Any) -> str:
-    """Write the JSON (into ``out_json``, the ``sst_dist.results_out.Results`` claimed before the
+    """Write the JSON (into ``out_json``, the ``data_shards.results_out.Results`` claimed before the
     study ran), the study section of docs/accuracy.md and docs/accuracy.png; return the section."""
     summary = summarize(results)
     out_json.write(json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=1))

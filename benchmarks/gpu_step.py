@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from heads import step_loss  # noqa: E402
 
+from data_shards.results_out import OVERWRITE_HELP, OutputRefused, file_output  # noqa: E402
 from sst_dist.model import ModelConfig, SSTModel, cooccurrence_adjacency  # noqa: E402
-from sst_dist.results_out import OVERWRITE_HELP, OutputRefused, file_output  # noqa: E402
 from sst_dist.train.batch import trunk_layout  # noqa: E402
 from sst_dist.train.engine_setup import place_model  # noqa: E402
 

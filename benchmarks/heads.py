@@ -28,9 +28,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from data_shards.results_out import OVERWRITE_HELP, OutputRefused, file_output  # noqa: E402
 from sst_dist.config import RunConfig  # noqa: E402
 from sst_dist.model import ModelConfig, SSTModel, cooccurrence_adjacency  # noqa: E402
-from sst_dist.results_out import OVERWRITE_HELP, OutputRefused, file_output  # noqa: E402
 from sst_dist.train.state import DistributedSST  # noqa: E402
 
 IMPLS = ("reference", "fused")

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_shards.loaders import build_loader  # noqa: E402
 from data_shards.loaders.dali_loader import dali_available  # noqa: E402
+from data_shards.results_out import OVERWRITE_HELP, OutputRefused, dir_output  # noqa: E402
 from data_shards.writer import ShardWriter  # noqa: E402
-from sst_dist.results_out import OVERWRITE_HELP, OutputRefused, dir_output  # noqa: E402
 
 
 def photo_like(rng: np.random.Generator, w: int = 640, h: int = 480) -> bytes:

@@ -173,7 +173,7 @@ def markdown(rows: list[dict[str, Any]], extra: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
-    from sst_dist.results_out import OVERWRITE_HELP, OutputRefused, file_output
+    from data_shards.results_out import OVERWRITE_HELP, OutputRefused, file_output
 
     p = argparse.ArgumentParser(prog=os.environ.get("SST_BENCH_PROG"), description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every launch")

@@ -27,7 +27,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from sst_dist.results_out import OVERWRITE_HELP, OutputRefused, dir_output  # noqa: E402
+from data_shards.results_out import OVERWRITE_HELP, OutputRefused, dir_output  # noqa: E402
 
 DEBUG_CONFIG = ROOT / "launch" / "configs" / "debug.yaml"
 PARTS = ("heads", "loader", "profile", "step", "kernels")

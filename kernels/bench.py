@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from sst_dist.results_out import OVERWRITE_HELP, OutputRefused, dir_output
+from data_shards.results_out import OVERWRITE_HELP, OutputRefused, dir_output
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 

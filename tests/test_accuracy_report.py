@@ -56,7 +56,7 @@ def test_write_outputs(tmp_path):
                          "lr_step_epochs": 5, "warmup_epochs": 2, "margin_start": 0.95, "margin_step": 0.05,
                          "margin_min": 0.75}}
     (tmp_path / "accuracy.md").write_text("# Accuracy\n\n## Random trunk\nold study\n")
-    from sst_dist.results_out import file_output
+    from data_shards.results_out import file_output
 
     results_json = file_output(str(tmp_path / "r.json"), "", overwrite=False)
     section = write_outputs(RESULTS, meta, tmp_path, results_json)

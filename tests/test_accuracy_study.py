@@ -85,7 +85,7 @@ def test_report_only_with_a_folder_without_runs_writes_nothing(tmp_path, capsys)
 
 
 def test_an_existing_results_file_is_refused_before_any_work(tmp_path, capsys):
-    """The study's JSON follows the one benchmark output rule (sst_dist.results_out)."""
+    """The study's JSON follows the one benchmark output rule (data_shards.results_out)."""
     results = tmp_path / "r.json"
     results.write_text("an earlier study\n")
     rc = accuracy.main(["--config", str(DEBUG), "--work", str(tmp_path / "w"), "--docs", str(tmp_path / "d"),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from sst_dist.results_out import OutputRefused, dir_output, file_output
+from data_shards.results_out import OutputRefused, dir_output, file_output
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS_TINY = ["--classes", "2", "--batch", "1", "--spatial", "1", "--feature-dim", "8", "--repeats", "1",

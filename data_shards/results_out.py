@@ -1,4 +1,5 @@
-"""Where a benchmark writes its results: one rule for every ``sst-dist bench`` script. Checked before
+"""Where a benchmark writes its results: one rule for every ``sst-dist bench`` script (here, beside
+safe_io, which it builds on, so kernels/bench.py uses it without importing sst_dist). Checked before
 any work (a refusal: one line naming the path, exit 2): an explicit path that exists is refused unless
 --overwrite; a default, dated name already taken gets a free -2, -3 suffix; a symbolic link is never
 written through. Written at the end under a temporary name in the same folder, then linked to a name
