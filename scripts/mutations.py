@@ -213,4 +213,43 @@ MUTATIONS: list[Mutation] = [
         "  ((limit > left)) && limit=$left\n", "",
         ["tests/test_gpu_checks_script.py", "-k", "killed"],
     ),
+    # ------------------------------------------------------------------ users' work (2026-12-06 audit)
+    Mutation(
+        "fresh-run-over-stopped-run", "run directory",
+        "a fresh train replaces the config/metrics of a run stopped before its first checkpoint",
+        "sst_dist/train/rundir.py",
+        "    if not resuming and not overwrite and earlier:", "    if False:",
+        ["tests/test_run_safety.py", "-k", "claim"],
+    ),
+    Mutation(
+        "resume-missing-run-starts-fresh", "run directory",
+        "--resume into a run directory that does not exist trains from scratch",
+        "sst_dist/train/trainer.py",
+        "                elif resume and not self.run_dir.exists():", "                elif False:",
+        ["tests/test_run_safety.py", "-k", "does_not_exist"],
+    ),
+    Mutation(
+        "profile-replaces-profile", "outputs", "a second profile into one --out replaces the first",
+        "sst_dist/profile.py",
+        "        if earlier and not args.overwrite:", "        if False:",
+        ["tests/test_profile_errors.py", "-k", "earlier"],
+    ),
+    Mutation(
+        "eval-replaces-result", "outputs", "eval replaces an earlier result of the same name",
+        "sst_dist/train/evaluate_cli.py",
+        '    if (out / f"ap_{tag}.json").exists() and not args.overwrite:', "    if False:",
+        ["tests/test_cli_polish.py", "-k", "earlier_result"],
+    ),
+    Mutation(
+        "results-publish-replaces", "outputs", "a benchmark's final write replaces a file made meanwhile",
+        "data_shards/safe_io.py",
+        "        if exclusive and _link_no_clobber(tmp, path):", "        if False:",
+        ["tests/test_bench_outputs.py", "tests/test_convert.py", "-k", "taken_during or meanwhile"],
+    ),
+    Mutation(
+        "study-resumes-foreign-run", "outputs", "the accuracy study continues a run started otherwise",
+        "benchmarks/accuracy.py",
+        "    if record.is_file() and json.loads(record.read_text()) == planned:", "    if run_dir.exists():",
+        ["tests/test_accuracy_study.py", "-k", "started_otherwise"],
+    ),
 ]
