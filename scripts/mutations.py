@@ -252,4 +252,11 @@ MUTATIONS: list[Mutation] = [
         "    if record.is_file() and json.loads(record.read_text()) == planned:", "    if run_dir.exists():",
         ["tests/test_accuracy_study.py", "-k", "started_otherwise"],
     ),
+    Mutation(
+        "training-generates-over-data", "outputs", "training's synthetic step writes into a used data.root",
+        "sst_dist/train/data.py",
+        "        if (root.exists() or root.is_symlink()) and (not root.is_dir() or any(root.iterdir())):",
+        "        if False:",
+        ["tests/test_synthetic_safety.py", "-k", "cannot_trust or lone_train_split"],
+    ),
 ]
