@@ -260,6 +260,36 @@ def test_training_generates_into_an_empty_root_and_reuses_it(tmp_path):
     assert snapshot(root) == before
 
 
+def test_a_generation_killed_by_sigterm_does_not_block_the_next(tmp_path, caplog):
+    """``timeout`` and SLURM stop a job with SIGTERM, which runs no rollback: the hidden .tmp
+    leftovers made the next run refuse data.root as "not empty" (found by killing one here)."""
+    import signal
+    import time
+
+    root = tmp_path / "data"
+    here = str(Path(__file__).parent)
+    code = (f"import sys; sys.path.insert(0, {here!r}); from test_synthetic_safety import _cfg; "
+            "from sst_dist.train.data import ensure_synthetic; "
+            f"ensure_synthetic(_cfg({str(root)!r}, num_train=4000))")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    deadline = time.time() + 120
+    while not (root.is_dir() and any(p.name.endswith(".tmp") for p in root.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, "the generation ended before it was stopped"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    leftovers = snapshot(root)
+    assert leftovers and all(k.split("/")[0].startswith(".") for k in leftovers)
+
+    from sst_dist.train.data import ensure_synthetic
+
+    ensure_synthetic(_cfg(root))
+    assert fmt.find_info(root, "train") and fmt.find_info(root, "test")
+    after = snapshot(root)
+    assert {k: after[k] for k in leftovers} == leftovers  # kept: a backup among them may be someone's
+    assert "interrupted generation" in caplog.text
+
+
 def test_train_cli_exits_2_on_a_lone_train_split(tmp_path, capsys):
     root = tmp_path / "data"
     assert main(["shards", "synthetic", "--out", str(root), "--n-train", "8", "--n-test", "0",

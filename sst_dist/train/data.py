@@ -73,6 +73,14 @@ def ensure_synthetic(cfg: RunConfig) -> None:
         raise (ConfigError if kind == "config" else DataError)(f"rank 0 could not prepare the data: {why}")
 
 
+def interrupted_leftovers(root: Path) -> list[Path]:
+    """The hidden ``.*.tmp`` files and folders a generation killed outright (SIGKILL, or a
+    SIGTERM from ``timeout`` or SLURM) leaves in ``root``: they do not make it a used folder."""
+    if not root.is_dir() or root.is_symlink():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
+
+
 def _prepare_synthetic(cfg: RunConfig, s: Any, root: Path) -> None:
     """Rank 0's part of :func:`ensure_synthetic`: check the scenes, or generate and convert them.
 
@@ -95,13 +103,20 @@ def _prepare_synthetic(cfg: RunConfig, s: Any, root: Path) -> None:
         except ValueError as e:  # the config asks for other data than data.root holds
             raise ConfigError(f"data.synthetic: {e}") from None
     else:
-        if (root.exists() or root.is_symlink()) and (not root.is_dir() or any(root.iterdir())):
+        leftovers = interrupted_leftovers(root)
+        if (root.exists() or root.is_symlink()) and (
+            not root.is_dir() or any(p not in leftovers for p in root.iterdir())
+        ):
             held = (f"holds the {have[0]!r} split but no {next(x for x in splits if x not in have)!r} split"
                     if have else "is not empty but holds no synthetic train and test splits"
                     if root.is_dir() else "is not a directory")
             raise DataError(f"data.root={root} {held}; data.synthetic generates only into an empty or "
                             "absent directory and replaces nothing: point data.root at a new directory "
                             "(or, if nothing there is needed, remove it and run again)")
+        if leftovers:  # kept: they are nobody's data, but a backup among them may be someone's
+            log.warning("data.root=%s holds what an interrupted generation left (%s); generating "
+                        "beside it (delete it once no process uses it)", root,
+                        ", ".join(p.name for p in leftovers[:3]))
         log.info(
             "generating synthetic scenes (%d train, %d test, %d classes, %dpx, %s) in %s",
             s.num_train,
