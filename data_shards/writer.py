@@ -6,7 +6,8 @@ never opened) and renamed, at :meth:`ShardWriter.close`, to a name that no commi
 with ``overwrite`` the new shards are numbered after the old ones. ``_info.json`` is replaced
 last, atomically: it is the commit point, and only then are the old split's files removed. So a
 failed, aborted or killed conversion leaves the old split exactly as it was (and at most hidden
-``*.tmp`` files, which the next conversion of the split removes). Tar members get fixed metadata
+``*.tmp`` files, which the next conversion of the split removes). One writer per split at a time
+(``.NAME-SPLIT.lock``): a concurrent second conversion of it is refused. Tar members get fixed metadata
 (mtime 0, uid 0, mode 0644), so the same samples give byte-identical shards.
 """
 
@@ -23,10 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from data_shards import format as fmt
+from data_shards.file_lock import ExclusiveLock, describe
 from data_shards.safe_io import atomic_write_text, ensure_own_dir
 
 FORMAT_VERSION = 2  # 2: index_sha256 per shard and labels_sha256 (every file a loader reads is hashed)
 TMP_SUFFIX = ".tmp"
+LOCK_SUFFIX = ".lock"  # .NAME-SPLIT.lock: held while a split is written, never part of it
 _BLOCK = tarfile.BLOCKSIZE
 
 
@@ -86,6 +89,17 @@ def dali_index_text(shard: Path) -> str:
     return f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
 
 
+def split_lock(out_dir: Path, name: str, split: str) -> ExclusiveLock:
+    """One writer per split: a second conversion of it (another process) is refused, naming the
+    first, instead of removing the first one's temporaries and failing on a missing file."""
+
+    def busy(holder: dict) -> FileExistsError:
+        return FileExistsError(f"split {split!r} of dataset {name!r} in {out_dir} is being written by "
+                               f"another conversion ({describe(holder)}); wait for it to finish")
+
+    return ExclusiveLock(out_dir / f".{name}-{split}{LOCK_SUFFIX}", busy, remove=True)
+
+
 class ShardWriter:
     """Write one split of a dataset as shards; use as a context manager or call close()/abort().
 
@@ -108,7 +122,13 @@ class ShardWriter:
         self.classes = [str(c) for c in class_names]
         self.shard_bytes = int(shard_bytes)
         self.extra_info: dict = {}
-        self._old_files, first = self._previous(overwrite)
+        self._lock = split_lock(self.out_dir, name, split)
+        self._lock.acquire()  # before _previous, which removes this split's temporaries
+        try:
+            self._old_files, first = self._previous(overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
         self._first = first
         self._labels: list[np.ndarray] = []
         self._shards: list[dict] = []
@@ -187,6 +207,7 @@ class ShardWriter:
         for path in self._old_files:  # the old split, no longer referenced
             if path.name not in keep:
                 path.unlink(missing_ok=True)
+        self._lock.release()
         return info
 
     def abort(self) -> None:
@@ -202,6 +223,7 @@ class ShardWriter:
         for path in [*self._tmp.values(), *self._renamed]:
             path.unlink(missing_ok=True)
         self._tmp, self._renamed = {}, []
+        self._lock.release()
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -6,7 +6,10 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +131,8 @@ def test_interrupted_write_leaves_nothing_finished(tmp_path):
             for s in samples:
                 if s[0] == 9:  # several shards done by now: still only hidden temporaries on disk
                     names = [p.name for p in tmp_path.iterdir()]
-                    assert len(names) > 2 and all(n.startswith(".") and n.endswith(".tmp") for n in names)
+                    hidden = all(n.startswith(".") and n.endswith((".tmp", ".lock")) for n in names)
+                    assert len(names) > 2 and hidden and ".toy-train.lock" in names  # held while writing
                     raise RuntimeError("boom")
                 w.write(*s)
     assert list(tmp_path.iterdir()) == []
@@ -176,6 +180,7 @@ def test_killed_conversion_leaves_old_split_and_next_run_cleans_up(tmp_path):
     for s in _samples(6, seed=2):
         w.write(*s)
     w._tar.close()  # a hard kill now: no abort, temporaries stay
+    os.close(w._lock._fd)  # and the kernel drops the dead writer's flock (its lock file stays)
     assert {n for n in os.listdir(tmp_path) if n.startswith(".")}
     assert {k: v for k, v in _split_files(tmp_path).items() if not k.startswith(".")} == before
     assert verify_shards(tmp_path) == []
@@ -269,3 +274,31 @@ def test_dali_reads_shards_with_index(tmp_path):
     for (index, jpg, labels), (i, want_jpg, want_labels) in zip(got, samples):
         assert index == i and jpg == want_jpg
         np.testing.assert_array_equal(labels, want_labels)
+
+
+def test_a_second_writer_of_a_split_is_refused_while_the_first_writes(tmp_path):
+    """Two conversions into one split: the second used to delete the first one's temporaries
+    (taking them for a killed run's) and fail with a bare "No such file" line, or both exited 0
+    with one's shards replaced by the other's. Now the second is refused, naming the first."""
+    ready, out = tmp_path / "ready", tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from data_shards.writer import ShardWriter\n"
+        f"w = ShardWriter({str(out)!r}, 'toy', 'train', ['a', 'b', 'c'])\n"
+        "w.write(0, b'jpeg', __import__('numpy').array([1, -1, 1]))\n"
+        f"Path({str(ready)!r}).touch(); time.sleep(30)\n")])
+    try:
+        for _ in range(600):
+            if ready.exists() or first.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert ready.exists(), "the first writer did not start"
+        temporaries = sorted(os.listdir(out))
+        with pytest.raises(FileExistsError, match=f"being written by another conversion \\(pid {first.pid} "):
+            ShardWriter(out, "toy", "train", CLASSES)
+        assert sorted(os.listdir(out)) == temporaries  # the first one's work is untouched
+        ShardWriter(out, "toy", "test", CLASSES).abort()  # another split of the folder is free
+    finally:
+        first.kill()
+        first.wait()
+    _write(out, _samples(3))  # the dead writer's lock is stale: the next conversion proceeds
+    assert fmt.read_info(out, "train")["num_samples"] == 3

@@ -75,10 +75,14 @@ def ensure_synthetic(cfg: RunConfig) -> None:
 
 def interrupted_leftovers(root: Path) -> list[Path]:
     """The hidden ``.*.tmp`` files and folders a generation killed outright (SIGKILL, or a
-    SIGTERM from ``timeout`` or SLURM) leaves in ``root``: they do not make it a used folder."""
+    SIGTERM from ``timeout`` or SLURM) leaves in ``root``, and the shard writer's split locks:
+    they do not make it a used folder."""
+    from data_shards.writer import LOCK_SUFFIX, TMP_SUFFIX
+
     if not root.is_dir() or root.is_symlink():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
+    machinery = (TMP_SUFFIX, LOCK_SUFFIX)
+    return sorted(p for p in root.iterdir() if p.name.startswith(".") and p.name.endswith(machinery))
 
 
 def _prepare_synthetic(cfg: RunConfig, s: Any, root: Path) -> None:

@@ -12,16 +12,13 @@ metrics, and two runs with the same name wrote into each other. Rank 0 now
 
 from __future__ import annotations
 
-import errno
-import json
 import os
 import shutil
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
-from data_shards.safe_io import UnsafePathError, ensure_own_dir
+from data_shards.file_lock import ExclusiveLock, describe
+from data_shards.safe_io import ensure_own_dir
 
 LOCK_NAME = ".lock"
 # what a run writes into its directory; --overwrite removes exactly these
@@ -44,73 +41,17 @@ def checkpoint_names(run_dir: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if NAME_RE.fullmatch(p.name))
 
 
-class RunLock:
+class RunLock(ExclusiveLock):
     """Exclusive use of one run directory by one run (held by rank 0 only)."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LOCK_NAME
-        self._fd: int | None = None
-
-    def _holder(self) -> dict[str, Any]:
-        try:
-            with open(self.path, "rb") as f:
-                return json.loads(f.read(4096) or b"{}")
-        except (OSError, ValueError):
-            return {}
+        super().__init__(Path(run_dir) / LOCK_NAME, self._refuse)
 
     def _refuse(self, holder: dict[str, Any]) -> RunDirError:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
         return RunDirError(
-            f"{self.path.parent} is in use by another run (pid {holder.get('pid', '?')} on "
-            f"{holder.get('host', '?')} since {since}); wait for it, pick another output.name, or "
-            f"delete {self.path} if no such run is alive"
+            f"{self.path.parent} is in use by another run ({describe(holder)}); wait for it, pick "
+            f"another output.name, or delete {self.path} if no such run is alive"
         )
-
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`RunDirError` naming the run that holds it."""
-        import fcntl
-
-        if self.path.is_symlink():
-            raise UnsafePathError(f"{self.path} is a symbolic link; refusing to use it as the run lock")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                os.close(fd)
-                raise self._refuse(self._holder()) from None
-            holder = self._holder()  # no flock on this file system: judge by the recorded pid
-            if holder and holder.get("pid") != os.getpid() and _alive(holder):
-                os.close(fd)
-                raise self._refuse(holder) from None
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        """Give the lock up (also happens when the process ends, however it ends)."""
-        if self._fd is None:
-            return
-        try:
-            os.ftruncate(self._fd, 0)
-        finally:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-
-
-def _alive(holder: dict[str, Any]) -> bool:
-    """Whether the recorded lock holder may still run (another host: assume it does)."""
-    if holder.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(int(holder.get("pid", -1)), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, TypeError):
-        return True
-    return True
-
 
 def claim(run_dir: Path, resuming: bool, overwrite: bool) -> RunLock:
     """Rank 0 before a run starts: check ownership, take the lock, apply the overwrite policy.
