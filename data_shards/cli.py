@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from data_shards.images import DEFAULT_MAX_PIXELS
@@ -18,7 +20,8 @@ from data_shards.safe_io import UnsafePathError
 
 CONVERT_EXIT = ("exit status: 0 success; 2 bad arguments or input (one line on stderr "
                 "naming the file, key or value; an existing split stays as it was and an output folder "
-                "this run created is removed); 1 an unexpected error (a traceback: a bug to report)")
+                "this run created is removed); 1 an unexpected error (a traceback: a bug to report); "
+                "143 stopped by SIGTERM, rolled back as on Ctrl-C")
 VERIFY_EXIT = ("exit status: 0 every file matches; 1 a problem was found (one FAIL line on stderr "
                "each), or an unexpected error (a traceback); 2 bad arguments or a missing shard folder")
 SYNTHETIC_FLAGS = {"n_train": "--n-train", "n_test": "--n-test", "num_classes": "--num-classes",
@@ -122,15 +125,26 @@ def _run_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _stop_on_sigterm(signum: int, frame) -> None:
+    """SIGTERM (``timeout``, SLURM, ``kill``) unwinds like Ctrl-C, so a conversion rolls back
+    instead of leaving its temporary files; exit status 128 + 15 as for a plain SIGTERM."""
+    raise SystemExit(128 + signum)
+
+
 def _guarded(func):
     """Expected errors (bad input, missing files, unsafe paths) -> one line on stderr, exit 2."""
     def run(args: argparse.Namespace) -> int:
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main else None
         try:
             return func(args)
         except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
                 UnsafePathError) as err:
             print(f"sst-dist shards: error: {err}", file=sys.stderr)
             return 2
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
     return run
 
 

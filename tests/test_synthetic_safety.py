@@ -374,3 +374,22 @@ def test_demo_appends_each_evaluation_to_the_eval_log(tmp_path, demo):
     evals = [x for x in lines if x.startswith("stub eval")]
     assert evals == [f"stub eval {out / 'train' / 'eval'}"] * 2, lines  # its own result, replaced
     assert sum(x.startswith("# evaluation of") for x in lines) == 2, lines
+
+
+def test_shards_synthetic_stopped_by_sigterm_rolls_back(tmp_path):
+    """``timeout`` and SLURM stop with SIGTERM: the conversion unwinds as on Ctrl-C (exit 143) and
+    removes what it had started, here the output folder it created."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "sst_dist.cli", "shards", "synthetic", "--out", str(out),
+                             "--n-train", "4000", "--n-test", "4", "--image-size", "32", *QUIET],
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    deadline = time.time() + 120
+    while not (out.is_dir() and any(p.name.endswith(".tmp") for p in out.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, "the conversion ended before it was stopped"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert not out.exists()
