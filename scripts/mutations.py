@@ -259,4 +259,18 @@ MUTATIONS: list[Mutation] = [
         "        if False:",
         ["tests/test_synthetic_safety.py", "-k", "cannot_trust or lone_train_split"],
     ),
+    Mutation(
+        "split-written-twice", "outputs", "two conversions may write one shard split at once",
+        "data_shards/writer.py",
+        "        self._lock.acquire()  # before _previous, which removes this split's temporaries\n",
+        "        pass\n",
+        ["tests/test_writer.py", "-k", "second_writer"],
+    ),
+    Mutation(
+        "sigterm-leaves-temporaries", "outputs", "a conversion stopped by SIGTERM does not roll back",
+        "data_shards/cli.py",
+        "        main = threading.current_thread() is threading.main_thread()\n",
+        "        main = False\n",
+        ["tests/test_synthetic_safety.py", "-k", "rolls_back"],
+    ),
 ]
