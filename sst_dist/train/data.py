@@ -85,6 +85,21 @@ def interrupted_leftovers(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith(".") and p.name.endswith(machinery))
 
 
+def _what_root_holds(root: Path, have: list[str], splits: tuple[str, str], leftovers: list[Path]) -> str:
+    """Why synthetic data may not be generated into ``root`` (words after "data.root=ROOT"), or ""
+    for an absent root or one holding nothing but ``leftovers``."""
+    if not (root.exists() or root.is_symlink()):
+        return ""
+    if not root.is_dir():
+        return "is not a directory"
+    if have:
+        missing = next(x for x in splits if x not in have)
+        return f"holds the {have[0]!r} split but no {missing!r} split"
+    if any(p not in leftovers for p in root.iterdir()):
+        return "is not empty but holds no synthetic train and test splits"
+    return ""
+
+
 def _prepare_synthetic(cfg: RunConfig, s: Any, root: Path) -> None:
     """Rank 0's part of :func:`ensure_synthetic`: check the scenes, or generate and convert them.
 
@@ -108,12 +123,8 @@ def _prepare_synthetic(cfg: RunConfig, s: Any, root: Path) -> None:
             raise ConfigError(f"data.synthetic: {e}") from None
     else:
         leftovers = interrupted_leftovers(root)
-        if (root.exists() or root.is_symlink()) and (
-            not root.is_dir() or any(p not in leftovers for p in root.iterdir())
-        ):
-            held = (f"holds the {have[0]!r} split but no {next(x for x in splits if x not in have)!r} split"
-                    if have else "is not empty but holds no synthetic train and test splits"
-                    if root.is_dir() else "is not a directory")
+        held = _what_root_holds(root, have, splits, leftovers)
+        if held:
             raise DataError(f"data.root={root} {held}; data.synthetic generates only into an empty or "
                             "absent directory and replaces nothing: point data.root at a new directory "
                             "(or, if nothing there is needed, remove it and run again)")
