@@ -319,12 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     a = p.parse_args(argv)
     cuda = torch.cuda.is_available()
-    if not cuda:
+    if not cuda:  # bad arguments for this machine: one line, exit 2 (was exit 1, a failure's status)
         if os.environ.get("TRITON_INTERPRET") != "1" and "triton" in sys.modules:
-            raise SystemExit("no CUDA: run with TRITON_INTERPRET=1 set before starting python")
+            print(f"{p.prog}: no CUDA: set TRITON_INTERPRET=1 before starting python", file=sys.stderr)
+            return 2
         os.environ.setdefault("TRITON_INTERPRET", "1")
         if not a.smoke:
-            raise SystemExit("no CUDA GPU: only --smoke runs here (CPU, Triton interpreter)")
+            print(f"{p.prog}: no CUDA GPU: only --smoke runs here (CPU, Triton interpreter)", file=sys.stderr)
+            return 2
     # smoke: a fresh private directory (mkdtemp), not a guessable name in the shared temp dir
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out_dir = a.out or (

@@ -230,6 +230,16 @@ def test_kernels_refuses_before_any_work(tmp_path, capsys, monkeypatch):
     assert _sha(victim) == old
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+def test_kernels_without_a_gpu_or_smoke_is_a_one_line_usage_error(capsys):
+    """Without a GPU only --smoke runs: that is the user's argument, exit 2 (was exit 1)."""
+    from kernels import bench
+
+    assert bench.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CUDA GPU" in err and "--smoke" in err, err
+
+
 def test_kernels_smoke_twice_keeps_the_first_result(tmp_path, monkeypatch):
     from kernels import bench
 
